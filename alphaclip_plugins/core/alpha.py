@@ -1,0 +1,96 @@
+"""The alpha channel: how a region becomes the fourth input, and the checks that keep it honest.
+
+Alpha-CLIP's reference pipeline turns a mask ``m`` in [0, 1] into ``(m - 0.5) / 0.26``: foreground
++1.9231, background -1.9231. "Whole image" is all foreground; zeros mean "half inside", not "no region".
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+ALPHA_MEAN = 0.5
+ALPHA_STD = 0.26
+ALPHA_FOREGROUND = (1.0 - ALPHA_MEAN) / ALPHA_STD  # +1.9231
+ALPHA_BACKGROUND = (0.0 - ALPHA_MEAN) / ALPHA_STD  # -1.9231
+
+# OpenAI CLIP's image normalisation.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The same, with the alpha channel's statistics appended: for frameworks that normalise 4 channels.
+RGBA_MEAN = CLIP_MEAN + (ALPHA_MEAN,)
+RGBA_STD = CLIP_STD + (ALPHA_STD,)
+
+_TOL = 1e-3  # slack for values that went through bf16/fp16
+
+
+def encode_alpha(mask: torch.Tensor) -> torch.Tensor:
+    """Encode a mask in [0, 1] (1 = region) as Alpha-CLIP's alpha values."""
+    return (mask - ALPHA_MEAN) / ALPHA_STD
+
+
+def mask_to_float(mask: Any, name: str = "mask") -> np.ndarray:
+    """A mask as float32 in [0, 1], from bool, uint8 (0-1 or 0-255), float in [0, 1], PIL, numpy or torch.
+
+    Raises:
+        ValueError: for NaN, floats outside [0, 1] (an unscaled 0-255 float mask is the classic bug),
+            negative integers, or an RGB(A) PIL image.
+    """
+    if hasattr(mask, "getbands"):  # PIL
+        if mask.mode not in ("1", "L", "I", "I;16", "F"):
+            raise ValueError(
+                f"{name} is a PIL image of mode {mask.mode!r}; pass a single-channel mask "
+                f"(mode '1' or 'L'), e.g. Image.open(path).convert('L')"
+            )
+        mask = np.asarray(mask)
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_:
+        return mask.astype(np.float32)
+    if np.issubdtype(mask.dtype, np.integer):
+        lo, hi = (int(mask.min()), int(mask.max())) if mask.size else (0, 0)
+        if lo < 0 or hi > 255:
+            raise ValueError(f"{name} has integer values in [{lo}, {hi}]; expected 0/1 or 0-255")
+        return mask.astype(np.float32) / (255.0 if hi > 1 else 1.0)
+    if not np.issubdtype(mask.dtype, np.floating):
+        raise ValueError(f"{name} has dtype {mask.dtype}; expected bool, an integer type or float")
+    mask = mask.astype(np.float32)
+    if mask.size and np.isnan(mask).any():
+        raise ValueError(f"{name} contains NaN")
+    if mask.size and (mask.min() < 0.0 or mask.max() > 1.0):
+        raise ValueError(
+            f"float {name} has values in [{mask.min():g}, {mask.max():g}]; a float mask must lie in [0, 1] "
+            f"(divide a 0-255 mask by 255, or pass it as uint8)"
+        )
+    return mask
+
+
+def check_alpha(alpha: torch.Tensor) -> None:
+    """Refuse alpha values that were not encoded: a raw [0, 1] mask, a 0-255 mask, NaN.
+
+    Encoded alpha lies in [-1.9231, +1.9231]; see :func:`encode_alpha`.
+    """
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return
+    lo, hi = torch.aminmax(alpha.detach())
+    lo, hi = float(lo), float(hi)
+    if lo != lo or hi != hi:
+        raise ValueError("alpha contains NaN")
+    if lo < ALPHA_BACKGROUND - _TOL or hi > ALPHA_FOREGROUND + _TOL:
+        raise ValueError(
+            f"alpha has values in [{lo:.4g}, {hi:.4g}] but encoded alpha lies in "
+            f"[{ALPHA_BACKGROUND:.4f}, {ALPHA_FOREGROUND:.4f}]; encode a [0, 1] mask with "
+            f"alphaclip_plugins.encode_alpha(mask) or use RegionProcessor"
+        )
+    if lo == hi == 0.0:
+        raise ValueError(
+            "alpha is all zeros, which Alpha-CLIP reads as 'half inside everywhere', not as the whole image; "
+            "pass alpha=None (or a 3-channel input) for the whole image"
+        )
+    if lo >= 0.0 and hi <= 1.0:
+        raise ValueError(
+            f"alpha has values in [{lo:.4g}, {hi:.4g}]: this looks like a raw [0, 1] mask, not encoded alpha; "
+            f"encode it with alphaclip_plugins.encode_alpha(mask) (foreground +1.9231, background -1.9231)"
+        )

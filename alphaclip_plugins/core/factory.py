@@ -1,0 +1,105 @@
+"""``create_model``, ``save_pretrained`` / ``from_pretrained`` and the tokenizer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, Union
+
+import torch
+
+from .checkpoint import LoadResult, describe, load_checkpoint, match_architecture
+from .config import CLIPConfig, get_config
+from .convert import to_alphaclip
+from .io import CheckpointError, PathLike, read_state_dict, save_safetensors, write_json
+from .model import AlphaCLIP
+
+Precision = Literal["fp32", "fp16", "bf16"]
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CONFIG_NAME = "alphaclip_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def create_model(
+    name: Optional[str] = "ViT-B/16",
+    pretrained: Optional[PathLike] = None,
+    alpha_checkpoint: Optional[PathLike] = None,
+    *,
+    strict: bool = True,
+    precision: Precision = "fp32",
+    device: Union[str, torch.device, None] = None,
+    seed: int = 0,
+    **overrides: Any,
+) -> AlphaCLIP:
+    """Build an Alpha-CLIP model, optionally with weights.
+
+    Args:
+        name: an architecture (``"ViT-B/16"``, ``"ViT-L-14-336"``, ``"tiny"``...), or None to infer it
+            from ``pretrained``.
+        pretrained: a CLIP checkpoint for both towers: OpenAI (``ViT-B-16.pt``), open_clip, Hugging Face
+            (file or directory), timm, or a directory written by :func:`save_pretrained`.
+        alpha_checkpoint: an Alpha-CLIP vision tower (the official ``clip_*_grit*.pth`` files, or any
+            layout above) loaded over the vision tower after ``pretrained``.
+        strict: refuse files that leave weights unset or carry extra ones (a plain CLIP file's missing
+            alpha conv is expected and stays zero).
+        precision: parameter dtype. Inputs are cast to it, so callers never cast.
+        seed: seed of the random initialisation (weights a file does not set stay reproducible).
+        **overrides: config fields, e.g. ``vision_image_size=448`` (``CLIPConfig.replace``).
+    """
+    if pretrained is not None and Path(pretrained, CONFIG_NAME).exists() and name is None:
+        return from_pretrained(pretrained, precision=precision, device=device)
+    if name is None:
+        if pretrained is None:
+            raise ValueError("pass an architecture name or a pretrained checkpoint to infer it from")
+        name = _infer_name(pretrained)
+    cfg = get_config(name).replace(**overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AlphaCLIP(cfg)
+    model.load_results = []  # type: ignore[assignment]
+    if pretrained is not None:
+        model.load_results.append(load_checkpoint(model, pretrained, strict=strict))
+    if alpha_checkpoint is not None:
+        model.load_results.append(load_checkpoint(model.visual, alpha_checkpoint, strict=strict, prefix="visual."))
+    return model.to(device=device, dtype=_DTYPES[precision]).eval()
+
+
+def _infer_name(path: PathLike) -> str:
+    facts = describe(to_alphaclip(read_state_dict(path)))
+    name = match_architecture(facts)
+    if name is None:
+        raise CheckpointError(f"{path} holds no known architecture ({facts}); pass the architecture name")
+    return name
+
+
+def save_pretrained(model: AlphaCLIP, directory: PathLike) -> None:
+    """Write ``model.safetensors`` and ``alphaclip_config.json`` into ``directory`` (atomically each)."""
+    directory = Path(directory)
+    save_safetensors(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "alphaclip"})
+    write_json({"config": model.cfg.to_dict(), "library": "alphaclip-plugins"}, directory / CONFIG_NAME)
+
+
+def from_pretrained(
+    directory: PathLike, precision: Precision = "fp32", device: Union[str, torch.device, None] = None
+) -> AlphaCLIP:
+    """Load a directory written by :func:`save_pretrained`."""
+    directory = Path(directory)
+    cfg_file = directory / CONFIG_NAME
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; was it written by save_pretrained?")
+    cfg = CLIPConfig.from_dict(json.loads(cfg_file.read_text())["config"])
+    model = AlphaCLIP(cfg)
+    model.load_results = [load_checkpoint(model, directory / WEIGHTS_NAME)]  # type: ignore[assignment]
+    return model.to(device=device, dtype=_DTYPES[precision]).eval()
+
+
+def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77) -> torch.Tensor:
+    """CLIP's BPE tokenizer (open_clip's): ``[N, context_length]`` int64 token ids, truncated with EOT kept."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = SimpleTokenizer()
+    return _TOKENIZER([texts] if isinstance(texts, str) else list(texts), context_length=context_length)
+
+
+_TOKENIZER: Any = None

@@ -1,0 +1,202 @@
+"""The Alpha-CLIP image tower: OpenAI CLIP's ViT plus ``conv1_alpha``, with timm's feature interface."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .alpha import ALPHA_FOREGROUND, check_alpha
+from .config import VisionConfig
+from .transformer import LayerNorm, Transformer, init_transformer_
+
+
+def split_rgba(image: torch.Tensor, alpha: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Accept ``(rgb [B,3,H,W], alpha [B,1,H,W] | None)`` or ``rgba [B,4,H,W]``; return ``(rgb, alpha)``.
+
+    An alpha batch of R with an image batch of 1 is allowed: one image, R regions.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"image must be [B, C, H, W]; got shape {tuple(image.shape)}")
+    channels = image.shape[1]
+    if channels == 4:
+        if alpha is not None:
+            raise ValueError("got a 4-channel (RGBA) image and a separate alpha; pass one or the other")
+        return image[:, :3], image[:, 3:]
+    if channels != 3:
+        raise ValueError(
+            f"image has {channels} channels; expected 3 (RGB, whole image) or 4 (RGB + encoded alpha)"
+        )
+    if alpha is None:
+        return image, None
+    if alpha.ndim == 3:
+        alpha = alpha.unsqueeze(1)
+    if alpha.ndim != 4 or alpha.shape[1] != 1:
+        raise ValueError(f"alpha must be [B, 1, H, W]; got shape {tuple(alpha.shape)}")
+    if alpha.shape[-2:] != image.shape[-2:]:
+        raise ValueError(
+            f"alpha is {tuple(alpha.shape[-2:])} but the image is {tuple(image.shape[-2:])}; "
+            f"pass an alpha of the image's height and width (RegionProcessor aligns them)"
+        )
+    if alpha.shape[0] != image.shape[0] and image.shape[0] != 1:
+        raise ValueError(
+            f"alpha batch {alpha.shape[0]} does not match image batch {image.shape[0]} "
+            f"(an image batch of 1 may be shared by many alphas)"
+        )
+    return image, alpha
+
+
+def resample_pos_embed(pos: torch.Tensor, grid: Tuple[int, int], prefix: int = 1) -> torch.Tensor:
+    """Bicubic resize of the patch part of ``pos [prefix + g*g, C]`` to ``grid`` (timm's convention)."""
+    old = int(round((pos.shape[0] - prefix) ** 0.5))
+    if (old, old) == tuple(grid):
+        return pos
+    prefix_pos, patch_pos = pos[:prefix], pos[prefix:]
+    # [g*g, C] -> [1, C, g, g]
+    patch_pos = patch_pos.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", antialias=True, align_corners=False)
+    # [1, C, h, w] -> [h*w, C]
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
+    return torch.cat([prefix_pos, patch_pos], dim=0)
+
+
+def _take_indices(num_blocks: int, indices: Optional[Union[int, Sequence[int]]]) -> List[int]:
+    if indices is None:
+        return list(range(num_blocks))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"asked for the last {indices} blocks of {num_blocks}")
+        return list(range(num_blocks - indices, num_blocks))
+    out = [i + num_blocks if i < 0 else i for i in indices]
+    if any(not 0 <= i < num_blocks for i in out):
+        raise ValueError(f"block indices {list(indices)} out of range for {num_blocks} blocks")
+    return sorted(out)
+
+
+class VisionTransformer(nn.Module):
+    """Alpha-CLIP's vision tower.
+
+    ``conv1_alpha`` embeds the alpha map like ``conv1`` embeds RGB; the two are summed before the class
+    token and positional embedding. It starts at zero, so a fresh tower equals CLIP.
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_size = cfg.patch_size
+        self.num_prefix_tokens = 1
+        self.num_features = self.embed_dim = cfg.width  # timm's names for the token dimension
+        self.output_dim = cfg.embed_dim
+        width, scale = cfg.width, cfg.width**-0.5
+        self.conv1 = nn.Conv2d(3, width, cfg.patch_size, cfg.patch_size, bias=False)
+        self.conv1_alpha = nn.Conv2d(1, width, cfg.patch_size, cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(cfg.grid_size**2 + 1, width))
+        self.ln_pre = LayerNorm(width, eps=cfg.ln_eps)
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act, cfg.ln_eps)
+        self.ln_post = LayerNorm(width, eps=cfg.ln_eps)
+        self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
+        nn.init.zeros_(self.conv1_alpha.weight)
+        init_transformer_(self.transformer)
+
+    # --- embedding -------------------------------------------------------------------------------
+    def patch_embed(self, image: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """RGB(A) pixels -> patch grid ``[B, C, H/p, W/p]`` (RGB and alpha embeddings summed)."""
+        image, alpha = split_rgba(image, alpha)
+        H, W = image.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(
+                f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}; "
+                f"resize or pad it (RegionProcessor does)"
+            )
+        dtype = self.conv1.weight.dtype  # inputs follow the model, so half models take fp32 pixels
+        x = self.conv1(image.to(dtype))
+        if alpha is None:
+            # Whole image: alpha is +1.9231 everywhere, so conv1_alpha yields one vector per channel.
+            whole = self.conv1_alpha.weight.sum(dim=(1, 2, 3)) * ALPHA_FOREGROUND
+            return x + whole.to(x.dtype)[None, :, None, None]
+        check_alpha(alpha)
+        return x + self.conv1_alpha(alpha.to(dtype))  # broadcasts one image over many alphas
+
+    def tokens(self, grid: torch.Tensor) -> torch.Tensor:
+        """Patch grid ``[B, C, h, w]`` -> ``ln_pre`` tokens ``[B, 1 + h*w, C]`` with class token and positions."""
+        B, C, h, w = grid.shape
+        x = grid.flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, C]
+        cls = self.class_embedding.to(x.dtype).expand(B, 1, C)
+        pos = resample_pos_embed(self.positional_embedding, (h, w)).to(x.dtype)
+        return self.ln_pre(torch.cat([cls, x], dim=1) + pos)
+
+    # --- timm feature interface --------------------------------------------------------------------
+    def forward_features(self, image: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Returns all tokens after ``ln_post``: ``[B, 1 + h*w, width]``."""
+        return self.ln_post(self.transformer(self.tokens(self.patch_embed(image, alpha))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Class token -> joint embedding ``[B, embed_dim]`` (or ``[B, width]`` with ``pre_logits``)."""
+        x = x[:, 0]
+        return x if pre_logits else x @ self.proj.to(x.dtype)
+
+    def forward(self, image: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Image embedding ``[B, embed_dim]`` (not normalised), as OpenAI CLIP's ``encode_image``."""
+        x = self.transformer(self.tokens(self.patch_embed(image, alpha)))
+        return self.ln_post(x[:, 0]) @ self.proj.to(x.dtype)  # ln_post on the class token only
+
+    def forward_intermediates(
+        self,
+        image: torch.Tensor,
+        alpha: Optional[torch.Tensor] = None,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ):
+        """Per-block outputs, as timm's ``forward_intermediates``.
+
+        Args:
+            indices: the last n blocks (int) or block indices (negative allowed); None = all.
+            return_prefix_tokens: also return each block's class token, as ``(patches, cls [B, 1, C])``.
+            norm: apply ``ln_post`` to the intermediates.
+            stop_early: stop after the last requested block.
+            output_fmt: ``"NCHW"`` (``[B, C, h, w]``) or ``"NLC"`` (``[B, h*w, C]``).
+
+        Returns:
+            ``intermediates`` if ``intermediates_only`` else ``(final tokens [B, 1+h*w, C], intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        blocks = len(self.transformer.resblocks)
+        take = _take_indices(blocks, indices)
+        grid = self.patch_embed(image, alpha)
+        B, _, h, w = grid.shape
+        x = self.tokens(grid)
+        out = []
+        depth = take[-1] + 1 if (stop_early or intermediates_only) else blocks
+        for i in range(depth):
+            x = self.transformer.run_block(i, x)
+            if i in take:
+                y = self.ln_post(x) if norm else x
+                prefix, patches = y[:, :1], y[:, 1:]
+                if output_fmt == "NCHW":
+                    patches = patches.transpose(1, 2).reshape(B, -1, h, w)  # [B, h*w, C] -> [B, C, h, w]
+                out.append((patches, prefix) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return out
+        return self.ln_post(x), out
+
+    # --- training helpers ------------------------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set:
+        return {"class_embedding", "positional_embedding"}
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, object]:
+        """Parameter groups for layer-wise lr decay (timm's convention)."""
+        return dict(
+            stem=r"^conv1|^conv1_alpha|^class_embedding|^positional_embedding|^ln_pre",
+            blocks=r"^transformer\.resblocks\.(\d+)" if coarse else [(r"^transformer\.resblocks\.(\d+)", None),
+                                                                     (r"^ln_post|^proj", (99999,))],
+        )
