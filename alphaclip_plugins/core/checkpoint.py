@@ -81,8 +81,9 @@ def check_architecture(cfg: CLIPConfig, sd: Mapping[str, torch.Tensor], source: 
 
     A different image size is fine: the positional embedding is resampled at load.
     """
-    facts, ref = describe(sd), _cfg_facts(cfg)
-    wrong = [k for k, v in facts.items() if k in ref and k != "image_size" and v is not None and ref[k] != v]
+    facts = {k: v for k, v in describe(sd).items() if v is not None}
+    ref = {k: v for k, v in _cfg_facts(cfg).items() if k in facts}  # compare what the file tells
+    wrong = [k for k in ref if k != "image_size" and ref[k] != facts[k]]
     if wrong:
         raise CheckpointError(
             f"{source} holds {_summary(facts)} but the model is {_summary(ref)}: {', '.join(wrong)} differ. "

@@ -1,0 +1,93 @@
+"""Zero-shot region classification: text classifier weights from class names x prompt templates."""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .factory import tokenize
+from .processor import RegionProcessor
+
+#: Built-in prompt sets: CLIP's single template and OVSeg's 14-template ensemble.
+TEMPLATES: Dict[str, Tuple[str, ...]] = {
+    "clip": ("a photo of a {}.",),
+    "ovseg": (
+        "a photo of a {}.", "This is a photo of a {}", "There is a {} in the scene", "There is the {} in the scene",
+        "a photo of a {} in the scene", "a photo of a small {}.", "a photo of a medium {}.",
+        "a photo of a large {}.", "This is a photo of a small {}.", "This is a photo of a medium {}.",
+        "This is a photo of a large {}.", "There is a small {} in the scene.",
+        "There is a medium {} in the scene.", "There is a large {} in the scene.",
+    ),
+}
+
+Templates = Union[str, Sequence[str]]
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[Any, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _text_fingerprint(model: nn.Module) -> Tuple[Any, ...]:
+    """Changes whenever a text weight is replaced or updated in place (optimizer steps, loads, ``.to()``)."""
+    params = [model.token_embedding.weight, model.positional_embedding, model.text_projection]
+    params += list(model.transformer.parameters()) + list(model.ln_final.parameters())
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+
+
+@torch.no_grad()
+def text_classifier(
+    model: nn.Module, labels: Sequence[str], templates: Templates = "ovseg", batch_size: int = 256,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Normalised class embeddings ``[K, embed_dim]``: each class's prompt embeddings, averaged.
+
+    Results are cached per model and invalidated when the text tower's weights change.
+    """
+    prompts = TEMPLATES[templates] if isinstance(templates, str) else tuple(templates)
+    if not labels:
+        raise ValueError("labels is empty; pass at least one class name")
+    key = (tuple(labels), prompts, _text_fingerprint(model))
+    cache = _CACHE.setdefault(model, {})
+    if key in cache:
+        return cache[key]
+    texts = [t.format(label) for label in labels for t in prompts]
+    device = model.token_embedding.weight.device
+    chunks = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="text classifier", unit="batch")
+    emb = torch.cat([model.encode_text(tokenize(texts[i : i + batch_size]).to(device), normalize=True) for i in chunks])
+    # [K * T, D] -> [K, T, D] -> class mean -> renormalise
+    weights = F.normalize(emb.float().view(len(labels), len(prompts), -1).mean(dim=1), dim=-1)
+    cache.clear()  # one vocabulary at a time: a swap replaces the old one
+    cache[key] = weights
+    return weights
+
+
+@torch.no_grad()
+def classify_regions(
+    model: nn.Module, image: Any, regions: Optional[Sequence[Any]], labels: Sequence[str],
+    templates: Templates = "ovseg", processor: Optional[RegionProcessor] = None,
+) -> torch.Tensor:
+    """Zero-shot probabilities of each region of one image over ``labels``.
+
+    The image is preprocessed and embedded once; all regions run as one batch that shares it.
+
+    Args:
+        image: PIL, numpy ``[H, W, 3]`` or torch ``[3, H, W]``.
+        regions: masks, boxes, polygons, RLEs (see ``regions.py``); None = the whole image.
+        labels: class names.
+        templates: ``"ovseg"``, ``"clip"`` or a list of ``"... {} ..."`` strings.
+        processor: geometry and size; defaults to pad-to-square at the model's input size.
+
+    Returns:
+        ``[R, K]`` probabilities (softmax over classes of ``logit_scale * cosine``).
+    """
+    processor = processor or RegionProcessor(model.visual.cfg.image_size)
+    pixels, size = processor.pixels(image)
+    alpha = processor.alphas(list(regions) if regions is not None else [None], size)
+    device = model.logit_scale.device
+    feats = model.encode_image(pixels.to(device), alpha.to(device), normalize=True).float()
+    weights = text_classifier(model, labels, templates)
+    return (model.logit_scale.exp().float() * feats @ weights.T).softmax(dim=-1)

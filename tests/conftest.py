@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny seeded models and encoded alpha maps. Everything runs on CPU without downloads."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alphaclip_plugins.core.alpha import encode_alpha
+from alphaclip_plugins.core.factory import create_model
+
+
+def random_alpha_conv_(model: torch.nn.Module, seed: int = 1) -> None:
+    """Give a model a non-zero ``conv1_alpha`` so that alpha changes its output (a fresh one is zero)."""
+    visual = getattr(model, "visual", model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = visual.conv1_alpha.weight
+        w.copy_(torch.randn(w.shape, generator=g) * 0.05)
+
+
+def random_alpha(batch: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Encoded alpha ``[B, 1, S, S]`` of random rectangular regions."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(batch, 1, size, size)
+    for b in range(batch):
+        y0, x0 = torch.randint(0, size // 2, (2,), generator=g).tolist()
+        mask[b, :, y0 : y0 + size // 2, x0 : x0 + size // 2] = 1
+    return encode_alpha(mask)
+
+
+@pytest.fixture
+def tiny_model():
+    """A tiny two-tower Alpha-CLIP (32 px, patch 8) with a non-zero alpha conv, in eval mode."""
+    model = create_model("tiny")
+    random_alpha_conv_(model)
+    return model
