@@ -40,7 +40,7 @@ class RegionBatch:
 def image_to_tensor(image: Any) -> torch.Tensor:
     """PIL, numpy ``[H, W, 3]`` (uint8 or float in [0, 1]) or torch ``[3, H, W]`` -> float ``[3, H, W]`` in [0, 1]."""
     if hasattr(image, "convert"):  # PIL: alpha transparency is not a region, drop it
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=-1)

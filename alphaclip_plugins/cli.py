@@ -1,0 +1,178 @@
+"""The ``alphaclip`` command: classify regions, convert checkpoints, inspect files, train."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from .core.convert import FORMATS
+
+
+def _box(text: str) -> List[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError(f"a box is x0,y0,x1,y1 in pixels; got {text!r}")
+    return values
+
+
+def _load_model(args: argparse.Namespace):
+    from .core.factory import create_model
+
+    if args.pretrained or args.alpha_checkpoint:
+        return create_model(args.model, pretrained=args.pretrained, alpha_checkpoint=args.alpha_checkpoint,
+                            strict=not args.non_strict), None
+    try:
+        from .train.default_model import DEFAULT_LABELS, load_default_model
+    except ImportError:
+        sys.exit("error: no weights given and no embedded default model is installed; pass --pretrained "
+                 "(a CLIP checkpoint) and --alpha-checkpoint (an Alpha-CLIP vision tower)")
+    return load_default_model(), list(DEFAULT_LABELS)
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from PIL import Image
+
+    from .core.processor import RegionProcessor
+    from .core.zeroshot import classify_regions
+
+    model, default_labels = _load_model(args)
+    labels = args.labels or default_labels
+    if not labels:
+        sys.exit("error: pass --labels (class names to choose from)")
+    regions: list = [Image.open(m).convert("L") for m in args.mask] + list(args.box)
+    names = [f"mask {m}" for m in args.mask] + [f"box {','.join(f'{v:g}' for v in b)}" for b in args.box]
+    if not regions:
+        regions, names = [None], ["whole image"]
+    processor = RegionProcessor(model.visual.cfg.image_size, args.mode)
+    probs = classify_regions(model, Image.open(args.image), regions, labels, args.templates, processor)
+    top = probs.topk(min(args.top, len(labels)), dim=-1)
+    results = [
+        {"region": name, "labels": [labels[i] for i in idx.tolist()], "probs": [round(p, 6) for p in val.tolist()]}
+        for name, val, idx in zip(names, top.values, top.indices)
+    ]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    width = max(len(r["region"]) for r in results)
+    for r in results:
+        ranked = "  ".join(f"{label} {p:.3f}" for label, p in zip(r["labels"], r["probs"]))
+        print(f"{r['region']:<{width}}  {ranked}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from .core.checkpoint import describe, load_state_dict, match_architecture
+    from .core.convert import from_alphaclip, to_alphaclip
+    from .core.factory import create_model, save_pretrained
+    from .core.io import read_state_dict, save_safetensors, save_torch
+
+    if args.clip:  # an Alpha-CLIP vision tower plus the text tower of its CLIP
+        sd = create_model(args.model, pretrained=args.clip, alpha_checkpoint=args.src).state_dict()
+    else:
+        sd = to_alphaclip(read_state_dict(args.src))
+    if "visual.conv1.weight" in sd and "visual.conv1_alpha.weight" not in sd:  # plain CLIP: zero alpha conv
+        conv = sd["visual.conv1.weight"]
+        sd["visual.conv1_alpha.weight"] = torch.zeros(conv.shape[0], 1, *conv.shape[2:], dtype=conv.dtype)
+    dst = Path(args.dst)
+    if args.to == "alphaclip":
+        name = args.model or match_architecture(describe(sd))
+        if name is None or "token_embedding.weight" not in sd:
+            sys.exit("error: the alphaclip format holds both towers; pass --clip CLIP_CHECKPOINT for the text "
+                     "tower (and --model ARCH if it is not a known architecture)")
+        model = create_model(name)
+        load_state_dict(model, sd)
+        save_pretrained(model, dst)
+    elif args.to == "hf":
+        from .integrations.hf import export_hf
+
+        export_hf(sd, dst)
+    else:
+        out = from_alphaclip(sd, args.to)
+        (save_torch if args.to == "official" or dst.suffix in (".pt", ".pth", ".bin") else save_safetensors)(out, dst)
+    print(f"wrote {dst} ({args.to} layout)")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .core.checkpoint import describe, match_architecture
+    from .core.convert import detect_format, strip_prefix, to_alphaclip
+    from .core.io import read_state_dict
+
+    raw = strip_prefix(read_state_dict(args.checkpoint), "module.")
+    sd = to_alphaclip(raw)
+    facts = describe(sd)
+    alpha = sd.get("visual.conv1_alpha.weight")
+    info = {
+        "path": str(args.checkpoint), "layout": detect_format(raw),
+        "architecture": match_architecture(facts) or "unknown",
+        "towers": [t for t, k in (("vision", "visual.conv1.weight"), ("text", "token_embedding.weight")) if k in sd],
+        "alpha": "absent (plain CLIP)" if alpha is None else ("zero (CLIP behaviour)" if not alpha.any() else "trained"),
+        "parameters": sum(v.numel() for v in sd.values()),
+        "dtypes": sorted({str(v.dtype).replace("torch.", "") for v in sd.values()}),
+        **facts,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:<16} {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alphaclip", description="Alpha-CLIP, the region-aware CLIP")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("classify", help="zero-shot classify regions of an image")
+    p.add_argument("image")
+    p.add_argument("--mask", action="append", default=[], help="a mask image (non-zero = region); repeatable")
+    p.add_argument("--box", action="append", default=[], type=_box, help="x0,y0,x1,y1 in pixels; repeatable")
+    p.add_argument("--labels", nargs="+", help="class names (default: the embedded model's vocabulary)")
+    p.add_argument("--model", default=None, help="architecture, e.g. ViT-B/16 (inferred from the file if omitted)")
+    p.add_argument("--pretrained", help="CLIP checkpoint (OpenAI .pt, open_clip, HF, timm, or a saved directory)")
+    p.add_argument("--alpha-checkpoint", help="Alpha-CLIP vision tower (e.g. clip_b16_grit1m_fultune_8xe.pth)")
+    p.add_argument("--non-strict", action="store_true", help="load what fits from partial checkpoints")
+    p.add_argument("--templates", default="ovseg", help="prompt set: ovseg (14 prompts) or clip (1 prompt)")
+    p.add_argument("--mode", default="pad", choices=["pad", "crop", "squash"], help="geometry of image and mask")
+    p.add_argument("--top", type=int, default=3, help="labels shown per region")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("convert", help="convert a checkpoint between layouts")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", required=True, choices=FORMATS)
+    p.add_argument("--clip", help="CLIP checkpoint whose text tower joins an Alpha-CLIP vision tower")
+    p.add_argument("--model", default=None, help="architecture (inferred from the file if omitted)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="what a checkpoint file holds")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="fine-tune Alpha-CLIP: alphaclip train CONFIG.yaml [key=value ...]")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=None)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from .train.cli import main as train_main
+
+        return train_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what, without a traceback
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test suite, on CPU, from a fresh clone: installs what it needs into .venv, then runs pytest.
+# mmcv 2.1 (for the MMDetection integration) is built once from source and cached (scripts/build_mmcv.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh test
+if [ -d alphaclip_plugins/integrations/mmdet ]; then
+  bash scripts/build_mmcv.sh "$PY"
+  "$PY" -m pip install -q "mmdet==3.3.0" "mmengine==0.10.7"
+fi
+exec "$PY" -m pytest -q "$@"
