@@ -47,3 +47,25 @@ def test_cache_follows_text_weights_and_vocabulary(tiny_model):
         tiny_model.ln_final.bias.add_(0.5)  # an in-place update, as an optimizer step makes
     c = text_classifier(tiny_model, ["cat", "dog"], "clip")
     assert c is not a and not torch.allclose(c, a)
+
+
+def test_region_scorer_matches_classify_regions_and_swaps_vocabulary(tiny_model):
+    from alphaclip_plugins.core.region_scorer import RegionScorer
+
+    image = np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    boxes = [[0, 0, 20, 20], [30, 10, 60, 40], [5, 5, 6, 6]]
+    scorer = RegionScorer(tiny_model, ["cat", "dog"], templates="clip", batch_size=2)
+    assert torch.allclose(scorer(image, boxes), classify_regions(tiny_model, image, boxes, ["cat", "dog"], "clip"),
+                          atol=1e-6)
+    scorer.set_vocabulary(["car", "tree", "sky"])
+    assert scorer(image, boxes).shape == (3, 3)
+
+
+def test_fuse_scores_weights_base_and_novel_classes():
+    from alphaclip_plugins.core.region_scorer import clip_boxes, fuse_scores
+
+    det, clip = torch.tensor([[0.64, 0.25]]), torch.tensor([[0.01, 0.81]])
+    fused = fuse_scores(det, clip, novel=torch.tensor([False, True]), alpha_base=0.5, beta_novel=0.5)
+    assert torch.allclose(fused, torch.tensor([[0.08, 0.45]]))
+    assert torch.allclose(fuse_scores(det, clip, alpha_base=0.0), det)
+    assert clip_boxes(torch.tensor([[-2.0, 3.0, 70.0, 3.0]]), 40, 60) == [[0.0, 3.0, 60.0, 4.0]]
