@@ -50,7 +50,7 @@ def test_cache_follows_text_weights_and_vocabulary(tiny_model):
 
 
 def test_region_scorer_matches_classify_regions_and_swaps_vocabulary(tiny_model):
-    from alphaclip_plugins.core.region_scorer import RegionScorer
+    from alphaclip_plugins.core.open_vocab import RegionScorer
 
     image = np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8)
     boxes = [[0, 0, 20, 20], [30, 10, 60, 40], [5, 5, 6, 6]]
@@ -62,7 +62,7 @@ def test_region_scorer_matches_classify_regions_and_swaps_vocabulary(tiny_model)
 
 
 def test_fuse_scores_weights_base_and_novel_classes():
-    from alphaclip_plugins.core.region_scorer import clip_boxes, fuse_scores
+    from alphaclip_plugins.core.open_vocab import clip_boxes, fuse_scores
 
     det, clip = torch.tensor([[0.64, 0.25]]), torch.tensor([[0.01, 0.81]])
     fused = fuse_scores(det, clip, novel=torch.tensor([False, True]), alpha_base=0.5, beta_novel=0.5)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -143,6 +143,23 @@ def load_state_dict(
     return LoadResult(fmt, missing, unexpected, new_alpha)
 
 
+def tower_state_dict(
+    sd: Mapping[str, torch.Tensor], tower: nn.Module, source: str = "the checkpoint"
+) -> StateDict:
+    """A state dict of any supported layout -> keys of the vision ``tower`` (a core ``VisionTransformer``).
+
+    The architecture is checked and the positional embedding resampled to the tower's size. Framework
+    adapters use this to accept every layout through their own loading paths.
+    """
+    canon = to_alphaclip(strip_prefix(sd, "module."))
+    vis = {k: v for k, v in canon.items() if k.startswith("visual.")}
+    if not vis:
+        raise CheckpointError(f"{source} holds no vision tower (its keys are {_short(sorted(canon))})")
+    check_architecture(CLIPConfig(vision=tower.cfg), vis, source)
+    own = {"visual." + k: v for k, v in tower.state_dict().items()}
+    return {k[len("visual."):]: v for k, v in _resize_positions(own, vis).items()}
+
+
 def _short(keys: List[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
@@ -172,9 +189,3 @@ def save_weights(model: nn.Module, path: PathLike, fmt: str = "alphaclip") -> No
         save_torch(sd, path)
     else:
         save_safetensors(sd, path)
-
-
-def split_towers(sd: Mapping[str, torch.Tensor]) -> Tuple[StateDict, StateDict]:
-    """Canonical-layout state dict -> (vision keys, everything else)."""
-    vis = {k: v for k, v in sd.items() if k.startswith("visual.")}
-    return vis, {k: v for k, v in sd.items() if not k.startswith("visual.")}

@@ -17,6 +17,8 @@ Precision = Literal["fp32", "fp16", "bf16"]
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CONFIG_NAME = "alphaclip_config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: The embedded demo model: a tiny Alpha-CLIP trained on synthetic shapes (see the README).
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-shapes"
 
 
 def create_model(
@@ -90,6 +92,20 @@ def from_pretrained(
     model = AlphaCLIP(cfg)
     model.load_results = [load_checkpoint(model, directory / WEIGHTS_NAME)]  # type: ignore[assignment]
     return model.to(device=device, dtype=_DTYPES[precision]).eval()
+
+
+def resolve_model(spec: Union[str, PathLike, dict, AlphaCLIP] = "default") -> AlphaCLIP:
+    """A model from a config-file friendly spec: ``"default"`` (the embedded model), a directory written by
+    :func:`save_pretrained`, a checkpoint path (architecture inferred), or ``create_model`` keyword arguments."""
+    if isinstance(spec, AlphaCLIP):
+        return spec
+    if isinstance(spec, dict):
+        return create_model(**spec)
+    if spec == "default":
+        if not (DEFAULT_MODEL_DIR / CONFIG_NAME).exists():
+            raise FileNotFoundError(f"the embedded default model is missing from {DEFAULT_MODEL_DIR}")
+        return from_pretrained(DEFAULT_MODEL_DIR)
+    return create_model(None, pretrained=spec)
 
 
 def tokenize(texts: Union[str, Sequence[str]], context_length: int = 77) -> torch.Tensor:

@@ -190,6 +190,19 @@ class VisionTransformer(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.transformer.grad_checkpointing = enable
 
+    def freeze(self, num_blocks: Optional[int] = None) -> None:
+        """Stop gradients to the stem (patch embeddings, class token, positions, ``ln_pre``) and the first
+        ``num_blocks`` blocks; None freezes the whole tower (frozen CLIP backbones, as in F-VLM)."""
+        stem = [self.conv1, self.conv1_alpha, self.ln_pre]
+        params = [p for m in stem for p in m.parameters()] + [self.class_embedding, self.positional_embedding]
+        blocks = self.transformer.resblocks
+        n = len(blocks) if num_blocks is None else num_blocks
+        params += [p for b in blocks[:n] for p in b.parameters()]
+        if num_blocks is None:
+            params += list(self.ln_post.parameters()) + [self.proj]
+        for p in params:
+            p.requires_grad_(False)
+
     def no_weight_decay(self) -> set:
         return {"class_embedding", "positional_embedding"}
 

@@ -1,6 +1,8 @@
 """Zero-shot region classification: text classifier weights from class names x prompt templates."""
 from __future__ import annotations
 
+import json
+import os
 import weakref
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -91,3 +93,30 @@ def classify_regions(
     feats = model.encode_image(pixels.to(device), alpha.to(device), normalize=True).float()
     weights = text_classifier(model, labels, templates)
     return (model.logit_scale.exp().float() * feats @ weights.T).softmax(dim=-1)
+
+
+def save_text_embeddings(
+    model: nn.Module, labels: Sequence[str], path: Union[str, "os.PathLike[str]"], templates: Templates = "ovseg"
+) -> torch.Tensor:
+    """Compute class embeddings and write them with their labels to a safetensors file (atomically).
+
+    Detection heads read this file, so they need no text tower at train or test time.
+    """
+    from .io import save_safetensors
+
+    weights = text_classifier(model, labels, templates, progress=len(labels) > 100)
+    prompts = TEMPLATES[templates] if isinstance(templates, str) else list(templates)
+    meta = {"labels": json.dumps(list(labels)), "templates": json.dumps(list(prompts))}
+    save_safetensors({"embeddings": weights}, path, metadata=meta)
+    return weights
+
+
+def load_text_embeddings(path: Union[str, "os.PathLike[str]"]) -> Tuple[torch.Tensor, list]:
+    """Read a file written by :func:`save_text_embeddings`: ``(embeddings [K, D], labels)``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if "labels" not in meta or "embeddings" not in f.keys():
+            raise ValueError(f"{path} is not a text-embedding file; write one with save_text_embeddings")
+        return f.get_tensor("embeddings"), json.loads(meta["labels"])
