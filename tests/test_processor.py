@@ -141,3 +141,11 @@ def test_bad_input_raises_value_error(image, region, match):
 def test_unknown_mode():
     with pytest.raises(ValueError, match="mode must be"):
         RegionProcessor(8, "stretch")
+
+
+def test_a_lone_region_needs_no_list():
+    p = RegionProcessor(8)
+    as_list = p(IMAGE, [[1, 0, 4, 2]]).alpha
+    for lone in ([1, 0, 4, 2], (1, 0, 4, 2), {"box": [1, 0, 4, 2]}):
+        assert torch.equal(p(IMAGE, lone).alpha, as_list)
+    assert p(IMAGE, MASK).alpha.shape == (1, 1, 8, 8)

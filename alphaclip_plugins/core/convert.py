@@ -152,7 +152,8 @@ def alphaclip_to_hf(sd: Mapping[str, torch.Tensor]) -> StateDict:
         out[f"{v}.pre_layrnorm.{p}"] = sd[f"visual.ln_pre.{p}"]
         out[f"{v}.post_layernorm.{p}"] = sd[f"visual.ln_post.{p}"]
     _hf_tower_out(sd, "visual.", v, out)
-    out["visual_projection.weight"] = sd["visual.proj"].t().contiguous()
+    if "visual.proj" in sd:  # towers without a projection (LLaVA's, timm's headless) have none
+        out["visual_projection.weight"] = sd["visual.proj"].t().contiguous()
     if "token_embedding.weight" in sd:
         t = "text_model"
         out[f"{t}.embeddings.token_embedding.weight"] = sd["token_embedding.weight"]

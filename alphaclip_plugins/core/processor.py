@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .alpha import ALPHA_FOREGROUND, CLIP_MEAN, CLIP_STD, encode_alpha
-from .regions import Region, region_mask
+from .regions import Region, is_box, region_mask
 
 Mode = Literal["pad", "crop", "squash"]
 
@@ -68,6 +68,13 @@ def image_to_tensor(image: Any) -> torch.Tensor:
             f"(pixels are normalised by the processor, not before it)"
         )
     return t
+
+
+def _region_list(regions: Any) -> list:
+    """One image's regions as a list: a lone region (a box as 4 numbers, a mask, a dict, None) is wrapped."""
+    if isinstance(regions, (list, tuple)) and not is_box(regions):
+        return list(regions)
+    return [regions]
 
 
 class RegionProcessor:
@@ -145,7 +152,7 @@ class RegionProcessor:
         if regions is None:
             regions = [[None] for _ in images]
         elif single:
-            regions = [regions if isinstance(regions, list) else [regions]]
+            regions = [regions]
         if len(regions) != len(images):
             raise ValueError(f"got {len(images)} images but regions for {len(regions)}; pass one region list per image")
         pixels: List[torch.Tensor] = []
@@ -153,7 +160,7 @@ class RegionProcessor:
         index: List[int] = []
         for i, (image, regs) in enumerate(zip(images, regions)):
             px, size = self.pixels(image)
-            a = self.alphas(regs if isinstance(regs, list) else [regs], size)
+            a = self.alphas(_region_list(regs), size)
             pixels.append(px.expand(a.shape[0], -1, -1, -1))
             alphas.append(a)
             index += [i] * a.shape[0]

@@ -24,6 +24,11 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
+def is_box(region: Any) -> bool:
+    """Four numbers ``(x0, y0, x1, y1)``: a box (a mask is 2-D, so this is never ambiguous)."""
+    return isinstance(region, (list, tuple)) and len(region) == 4 and all(_is_number(v) for v in region)
+
+
 def box_mask(box: Sequence[float], height: int, width: int) -> np.ndarray:
     """Pixels covered by ``box = (x0, y0, x1, y1)`` (floor of the start, ceil of the end)."""
     x0, y0, x1, y1 = (float(v) for v in box)
@@ -97,7 +102,7 @@ def region_mask(region: Region, height: int, width: int) -> Optional[np.ndarray]
             f"unknown region dict with keys {sorted(region)}; use {{'box': ...}}, {{'polygon': ...}}, "
             f"{{'rle': ...}}, {{'mask': ...}} or a COCO RLE with 'size' and 'counts'"
         )
-    if isinstance(region, (list, tuple)) and len(region) == 4 and all(_is_number(v) for v in region):
+    if is_box(region):
         return box_mask(region, height, width)
     mask = mask_to_float(region)
     if mask.ndim == 3 and mask.shape[0] == 1:

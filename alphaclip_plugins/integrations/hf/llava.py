@@ -1,0 +1,145 @@
+"""LLaVA (transformers' ``LlavaForConditionalGeneration``) with an Alpha-CLIP image tower.
+
+Two ways to get one:
+
+* build it: a ``LlavaConfig`` whose ``vision_config`` is an :class:`AlphaCLIPVisionConfig` makes
+  ``LlavaForConditionalGeneration(config)`` (and ``from_pretrained`` of such a directory) use
+  :class:`AlphaCLIPVisionModel` through ``AutoModel``;
+* convert one: :func:`alphafy_llava` swaps a trained LLaVA's CLIP tower for an alpha-aware one in place,
+  keeping its weights, and optionally loads Alpha-CLIP weights into it.
+
+The region travels with the image as a 4th channel of ``pixel_values``, so each sample of a batch has
+its own region. :class:`AlphaLlavaProcessor` builds the prompts and the 4-channel pixel values.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModel, LlavaProcessor, PreTrainedModel
+
+from ...core.io import PathLike
+from .configuration import AlphaCLIPVisionConfig
+from .export import load_alpha_weights
+from .modeling import AlphaCLIPVisionModel
+from .processing import AlphaCLIPImageProcessor
+
+
+def _llava_core(model: nn.Module) -> nn.Module:
+    """The module holding ``vision_tower`` (``LlavaModel``), from it or ``LlavaForConditionalGeneration``."""
+    for candidate in (model, getattr(model, "model", None)):
+        if candidate is not None and hasattr(candidate, "vision_tower"):
+            return candidate
+    raise TypeError(f"{type(model).__name__} has no vision_tower; pass a LlavaForConditionalGeneration or LlavaModel")
+
+
+def _alpha_tower(old: CLIPVisionModel) -> AlphaCLIPVisionModel:
+    """The same tower, alpha-aware: its tensors are reused (no copy), the alpha conv starts at zero."""
+    config = AlphaCLIPVisionConfig.from_clip(old.config)
+    config._attn_implementation = old.config._attn_implementation
+    reference = old.embeddings.patch_embedding.weight
+    with torch.device("meta"):  # no memory and no random init for weights that are replaced next
+        tower = AlphaCLIPVisionModel(config)
+    trainable = {n: p.requires_grad for n, p in old.named_parameters()}
+    tower.load_state_dict(old.state_dict(keep_vars=True), strict=False, assign=True)
+    for name, param in tower.named_parameters():  # `assign` keeps the new module's flags; restore the old ones
+        param.requires_grad_(trainable.get(name, param.requires_grad))
+    emb = tower.embeddings
+    emb.patch_embedding_alpha.weight = nn.Parameter(
+        torch.zeros(emb.embed_dim, 1, emb.patch_size, emb.patch_size, device=reference.device, dtype=reference.dtype),
+        requires_grad=reference.requires_grad,
+    )
+    emb.position_ids = old.embeddings.position_ids  # a non-persistent buffer: not in the state dict
+    left = [n for n, t in itertools.chain(tower.named_parameters(), tower.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"could not carry over {left} from the CLIP tower; is it a CLIPVisionModel?")
+    return tower.train(old.training)
+
+
+def alphafy_llava(
+    model: PreTrainedModel, alpha_checkpoint: Optional[Union[PathLike, Mapping[str, torch.Tensor]]] = None
+) -> PreTrainedModel:
+    """Make a LLaVA's CLIP image tower alpha-aware, in place.
+
+    The tower's weights are kept (the new alpha conv is zero, so outputs do not change) and the config's
+    ``vision_config`` becomes an :class:`AlphaCLIPVisionConfig`, so ``save_pretrained`` /
+    ``from_pretrained`` keep the alpha tower.
+
+    Args:
+        model: a ``LlavaForConditionalGeneration`` or ``LlavaModel`` with a ``CLIPVisionModel`` tower.
+        alpha_checkpoint: Alpha-CLIP vision weights of the tower's architecture (e.g. the official
+            ``clip_l14_336_grit_20m_4xe.pth`` for LLaVA-1.5's ViT-L/14-336), in any layout the core reads.
+
+    Returns:
+        ``model``, whose ``pixel_values`` may now have 4 channels (RGB + encoded alpha).
+    """
+    core = _llava_core(model)
+    tower = core.vision_tower
+    if not isinstance(tower, AlphaCLIPVisionModel):
+        if not isinstance(tower, CLIPVisionModel):
+            raise TypeError(
+                f"this LLaVA's vision tower is a {type(tower).__name__}; alphafy_llava converts CLIPVisionModel towers"
+            )
+        tower = _alpha_tower(tower)
+        core.vision_tower = tower
+        for owner in {id(model): model, id(core): core}.values():
+            owner.config.vision_config = tower.config
+    if alpha_checkpoint is not None:
+        load_alpha_weights(tower, alpha_checkpoint)
+    return model
+
+
+class AlphaLlavaProcessor(LlavaProcessor):
+    """``LlavaProcessor`` for 4-channel images: prompts with image tokens, and RGBA ``pixel_values``.
+
+    ``processor(images=[img_a, img_b], text=[prompt_a, prompt_b], regions=[mask_a, box_b])`` gives one
+    region per image (a box is a tuple ``(x0, y0, x1, y1)``; None = whole image). The stock processor
+    cannot size a 4-channel image; this one counts image tokens from the tensor's height and width.
+
+    Build it with :meth:`from_model` or as ``LlavaProcessor`` is built, with an
+    :class:`AlphaCLIPImageProcessor` as ``image_processor``.
+    """
+
+    @classmethod
+    def from_model(
+        cls, model: PreTrainedModel, tokenizer: Any, mode: str = "pad", **kwargs: Any
+    ) -> "AlphaLlavaProcessor":
+        """A processor matching ``model``'s tower size, patch size and feature selection."""
+        config = model.config
+        vision = config.vision_config
+        return cls(
+            image_processor=AlphaCLIPImageProcessor(image_size=vision.image_size, mode=mode), tokenizer=tokenizer,
+            patch_size=vision.patch_size, vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=1, **kwargs,
+        )
+
+    def __call__(self, images: Any = None, text: Any = None, regions: Any = None, **kwargs: Any):
+        """As ``LlavaProcessor.__call__``, plus ``regions``: one per image (mask, box, polygon, RLE or None)."""
+        if regions is not None:
+            if images is None:
+                raise ValueError("got regions without images; pass the images the regions belong to")
+            images_kwargs = dict(kwargs.pop("images_kwargs", {}))
+            images_kwargs["regions"] = regions
+            kwargs["images_kwargs"] = images_kwargs
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def _process_images(self, images: Any, **kwargs: Any):
+        """The stock step, plus a check that every image got exactly one region."""
+        processed, replacements = super()._process_images(images, **kwargs)
+        samples = len(processed["pixel_values"])
+        if samples != len(replacements):
+            raise ValueError(
+                f"got {len(replacements)} images but {samples} regions; an <image> token takes one region, so pass "
+                f"one region per image (repeat an image to ask about several of its regions)"
+            )
+        return processed, replacements
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        """The ``<image>`` tokens of one image, counted from its ``[4, H, W]`` tensor's height and width."""
+        height, width = image_inputs["pixel_values"][image_idx].shape[-2:]
+        tokens = (height // self.patch_size) * (width // self.patch_size) + self.num_additional_image_tokens
+        if self.vision_feature_select_strategy == "default":
+            tokens -= 1  # the class token is dropped
+        return self.image_token * tokens
