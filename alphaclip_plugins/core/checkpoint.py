@@ -52,18 +52,21 @@ def _count_blocks(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
 
 def _cfg_facts(cfg: CLIPConfig) -> Dict[str, object]:
     v, t = cfg.vision, cfg.text
-    return dict(
+    facts = dict(
         vision_width=v.width, patch_size=v.patch_size, image_size=v.image_size, vision_layers=v.layers,
-        vision_mlp_dim=v.mlp_dim, embed_dim=v.embed_dim, text_width=t.width, vocab_size=t.vocab_size,
-        context_length=t.context_length, text_layers=t.layers,
+        vision_mlp_dim=v.mlp_dim, embed_dim=v.embed_dim,
     )
+    if t is not None:  # vision-only configs have no text facts
+        facts.update(text_width=t.width, vocab_size=t.vocab_size, context_length=t.context_length,
+                     text_layers=t.layers)
+    return facts
 
 
 def match_architecture(facts: Mapping[str, object]) -> Optional[str]:
     """The name in :data:`ARCHITECTURES` whose shapes agree with ``facts``; the image size may differ."""
     for name, cfg in ARCHITECTURES.items():
         ref = _cfg_facts(cfg)
-        if all(ref[k] == v for k, v in facts.items() if k in ref and v is not None and k != "image_size"):
+        if all(ref.get(k) == v for k, v in facts.items() if k in ref and v is not None and k != "image_size"):
             same_size = [n for n, c in ARCHITECTURES.items() if _cfg_facts(c) == {**ref, "image_size": facts.get("image_size")}]
             return same_size[0] if same_size else name
     return None

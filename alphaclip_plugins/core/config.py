@@ -146,7 +146,13 @@ def canonical_name(name: str) -> str:
 
 
 def get_config(name: str) -> CLIPConfig:
-    """The config of a named architecture. A ``-quickgelu`` suffix selects QuickGELU (open_clip naming)."""
+    """The config of a named architecture.
+
+    Each name carries the activation of the weights that exist for it: QuickGELU for the OpenAI/Alpha-CLIP
+    B and L models (also under open_clip spellings such as ``"ViT-B-16"``, since OpenAI's files are named
+    so), GELU for the LAION H/g/bigG models. A ``-quickgelu`` suffix forces QuickGELU; for LAION B/L
+    weights pass ``vision_act="gelu", text_act="gelu"`` to ``create_model``.
+    """
     cfg = ARCHITECTURES[canonical_name(name)]
     if name.endswith("-quickgelu"):
         cfg = cfg.replace(vision_act="quick_gelu", text_act="quick_gelu")

@@ -206,9 +206,10 @@ def alphaclip_to_timm(sd: Mapping[str, torch.Tensor]) -> StateDict:
         "cls_token": vis.pop("class_embedding").reshape(1, 1, -1),
         "pos_embed": vis.pop("positional_embedding").unsqueeze(0),
     }
-    proj = vis.pop("proj")
-    out["head.weight"] = proj.t().contiguous()
-    out["head.bias"] = torch.zeros(proj.shape[1], dtype=proj.dtype)
+    proj = vis.pop("proj", None)
+    if proj is not None:  # a tower without a projection (LLaVA's, HF's CLIPVisionModel) has no head
+        out["head.weight"] = proj.t().contiguous()
+        out["head.bias"] = torch.zeros(proj.shape[1], dtype=proj.dtype)
     for k, v in vis.items():
         out[_to_timm_key(k)] = v
     return out

@@ -47,6 +47,18 @@ def split_rgba(image: torch.Tensor, alpha: Optional[torch.Tensor]) -> Tuple[torc
     return image, alpha
 
 
+def embed_alpha(conv_alpha: nn.Conv2d, alpha: Optional[torch.Tensor]) -> torch.Tensor:
+    """The alpha patch embedding to add to the RGB one: ``conv_alpha(alpha)`` ``[B, C, h, w]``, or for
+    ``alpha=None`` (whole image: +1.9231 everywhere) the one vector that yields, as ``[1, C, 1, 1]``.
+
+    Every adapter (timm, open_clip, transformers) calls this, so alpha means the same everywhere.
+    """
+    if alpha is None:
+        return (conv_alpha.weight.sum(dim=(1, 2, 3)) * ALPHA_FOREGROUND)[None, :, None, None]
+    check_alpha(alpha)
+    return conv_alpha(alpha.to(conv_alpha.weight.dtype))
+
+
 def resample_pos_embed(pos: torch.Tensor, grid: Tuple[int, int], prefix: int = 1) -> torch.Tensor:
     """Bicubic resize of the patch part of ``pos [prefix + g*g, C]`` to ``grid`` (timm's convention)."""
     old = int(round((pos.shape[0] - prefix) ** 0.5))
@@ -112,12 +124,7 @@ class VisionTransformer(nn.Module):
             )
         dtype = self.conv1.weight.dtype  # inputs follow the model, so half models take fp32 pixels
         x = self.conv1(image.to(dtype))
-        if alpha is None:
-            # Whole image: alpha is +1.9231 everywhere, so conv1_alpha yields one vector per channel.
-            whole = self.conv1_alpha.weight.sum(dim=(1, 2, 3)) * ALPHA_FOREGROUND
-            return x + whole.to(x.dtype)[None, :, None, None]
-        check_alpha(alpha)
-        return x + self.conv1_alpha(alpha.to(dtype))  # broadcasts one image over many alphas
+        return x + embed_alpha(self.conv1_alpha, alpha).to(x.dtype)  # broadcasts one image over many alphas
 
     def tokens(self, grid: torch.Tensor) -> torch.Tensor:
         """Patch grid ``[B, C, h, w]`` -> ``ln_pre`` tokens ``[B, 1 + h*w, C]`` with class token and positions."""

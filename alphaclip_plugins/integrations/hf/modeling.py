@@ -20,8 +20,7 @@ from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel, CLIPVisionMo
 from transformers import initialization as init
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel, CLIPVisionEmbeddings
 
-from ...core.alpha import ALPHA_FOREGROUND, check_alpha
-from ...core.vision import split_rgba
+from ...core.vision import embed_alpha, split_rgba
 from .configuration import AlphaCLIPConfig, AlphaCLIPVisionConfig
 
 
@@ -60,14 +59,8 @@ class AlphaCLIPVisionEmbeddings(CLIPVisionEmbeddings):
         """``[B, 3 or 4, H, W]`` -> tokens ``[B, 1 + H/p * W/p, hidden]`` (class token first)."""
         rgb, alpha = split_rgba(pixel_values, None)
         embeddings = super().forward(rgb, interpolate_pos_encoding=interpolate_pos_encoding)
-        weight = self.patch_embedding_alpha.weight
-        if alpha is None:
-            # Whole image: alpha is +1.9231 everywhere, so every patch gets the same vector.
-            alpha_embeds = (weight.sum(dim=(1, 2, 3)) * ALPHA_FOREGROUND)[None, None, :]
-        else:
-            check_alpha(alpha)
-            # [B, hidden, h, w] -> [B, h*w, hidden]
-            alpha_embeds = self.patch_embedding_alpha(alpha.to(weight.dtype)).flatten(2).transpose(1, 2)
+        # [B, hidden, h, w] (or [1, hidden, 1, 1] for the whole image) -> [B, h*w, hidden]
+        alpha_embeds = embed_alpha(self.patch_embedding_alpha, alpha).flatten(2).transpose(1, 2)
         # Adding after the positional embedding equals adding before it: only the patch tokens change.
         patches = embeddings[:, 1:] + alpha_embeds.to(embeddings.dtype)
         return torch.cat([embeddings[:, :1], patches], dim=1)
