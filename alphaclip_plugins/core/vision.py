@@ -210,6 +210,13 @@ class VisionTransformer(nn.Module):
         for p in params:
             p.requires_grad_(False)
 
+    def freeze_head(self, norm: bool = True) -> None:
+        """Stop gradients to the pooling head (``proj``, and ``ln_post`` with ``norm``), which a dense
+        feature extractor (a detection backbone) never uses: every trainable weight then gets a gradient."""
+        params = [self.proj] + (list(self.ln_post.parameters()) if norm else [])
+        for p in params:
+            p.requires_grad_(False)
+
     def no_weight_decay(self) -> set:
         return {"class_embedding", "positional_embedding"}
 

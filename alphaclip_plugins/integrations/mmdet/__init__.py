@@ -1,0 +1,19 @@
+"""MMDetection 3.x: Alpha-CLIP backbone, feature pyramid, 4-channel data pipeline and open vocabulary.
+
+Use from a config with::
+
+    custom_imports = dict(imports=["alphaclip_plugins.integrations.mmdet"], allow_failed_imports=False)
+"""
+from .. import require
+
+require("mmdet", "mmdet", "pip install 'alphaclip-plugins[mmdet]' (mmcv 2.1 with ops: scripts/build_mmcv.sh)")
+
+from .backbone import AlphaCLIPViT  # noqa: E402
+from .data import AddAlphaChannel, AlphaDetDataPreprocessor  # noqa: E402
+from .neck import SimpleFeaturePyramid  # noqa: E402
+from .open_vocab import AlphaCLIPRegionScorer, OpenVocabTwoStageDetector, ZeroShotClassifier, set_vocabulary  # noqa: E402,E501
+
+__all__ = [
+    "AlphaCLIPViT", "AddAlphaChannel", "AlphaDetDataPreprocessor", "SimpleFeaturePyramid",
+    "AlphaCLIPRegionScorer", "OpenVocabTwoStageDetector", "ZeroShotClassifier", "set_vocabulary",
+]

@@ -1,0 +1,73 @@
+"""``AlphaCLIPViT``: the core vision tower as an MMDetection backbone."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import torch
+from mmdet.registry import MODELS
+from mmengine.model import BaseModule
+
+from ...core.checkpoint import load_checkpoint
+from ...core.config import get_config
+from ...core.vision import VisionTransformer
+
+
+@MODELS.register_module()
+class AlphaCLIPViT(BaseModule):
+    """Alpha-CLIP ViT returning per-block feature maps ``[B, width, H/p, W/p]``.
+
+    Input is ``[B, 4, H, W]`` (RGB + alpha) or ``[B, 3, H, W]`` (whole image). Any input size that is a
+    multiple of the patch size works: the positional embedding is resampled.
+
+    Args:
+        arch: core architecture name (``"ViT-B/16"``, ``"ViT-L/14"``, ``"tiny"``...).
+        out_indices: blocks whose outputs are returned (negative counts from the end).
+        norm_out: apply the tower's final LayerNorm to the outputs.
+        frozen: freeze the whole tower and keep it in eval mode (frozen CLIP backbones, as in F-VLM).
+        frozen_stages: -1 none; 0 the stem; k the stem and the first k blocks.
+        with_cp: gradient checkpointing of the blocks.
+        init_cfg: ``dict(type="Pretrained", checkpoint=PATH)`` with PATH in any layout the core loader
+            reads (official Alpha-CLIP ``.pth``, OpenAI, open_clip, Hugging Face, timm).
+        **overrides: vision config fields, e.g. ``image_size=336``.
+    """
+
+    def __init__(
+        self, arch: str = "ViT-B/16", out_indices: Sequence[int] = (-1,), norm_out: bool = False,
+        frozen: bool = False, frozen_stages: int = -1, with_cp: bool = False,
+        init_cfg: Optional[dict] = None, **overrides: Any,
+    ):
+        super().__init__(init_cfg=init_cfg)
+        cfg = get_config(arch).replace(**{f"vision_{k}": v for k, v in overrides.items()}).vision
+        self.visual = VisionTransformer(cfg)
+        self.out_indices = [i % cfg.layers for i in out_indices]
+        self.norm_out, self.frozen, self.frozen_stages = norm_out, frozen, frozen_stages
+        self.visual.set_grad_checkpointing(with_cp)
+        self.visual.freeze_head(norm=not norm_out)  # the pooling head is unused by feature maps
+        self._freeze()
+
+    def _freeze(self) -> None:
+        if self.frozen:
+            self.visual.freeze()
+        elif self.frozen_stages >= 0:
+            self.visual.freeze(self.frozen_stages)
+
+    def init_weights(self) -> None:
+        """Load a ``Pretrained`` init_cfg through the core loader; it can run any number of times."""
+        cfg = self.init_cfg if isinstance(self.init_cfg, dict) else None
+        if cfg is not None and cfg.get("type") == "Pretrained":
+            load_checkpoint(self.visual, cfg["checkpoint"], strict=cfg.get("strict", True), prefix="visual.")
+            self._is_init = True
+            return
+        super().init_weights()
+
+    def train(self, mode: bool = True) -> "AlphaCLIPViT":
+        super().train(mode)
+        if self.frozen:
+            self.visual.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        out = self.visual.forward_intermediates(
+            x, indices=self.out_indices, norm=self.norm_out, output_fmt="NCHW", intermediates_only=True
+        )
+        return tuple(out)

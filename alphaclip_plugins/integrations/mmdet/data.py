@@ -1,0 +1,124 @@
+"""4-channel data for MMDetection: an alpha channel in the pipeline, normalised in the preprocessor."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mmcv.transforms import BaseTransform
+from mmdet.models.data_preprocessors import DetDataPreprocessor
+from mmdet.registry import MODELS, TRANSFORMS
+
+from ...core.alpha import ALPHA_MEAN, ALPHA_STD, CLIP_MEAN, CLIP_STD
+from ...core.regions import region_mask
+
+#: CLIP's RGB statistics and alpha's 0.5/0.26, on the 0-255 scale of mmdet pipelines.
+RGBA_MEAN_255 = tuple(255 * m for m in CLIP_MEAN + (ALPHA_MEAN,))
+RGBA_STD_255 = tuple(255 * s for s in CLIP_STD + (ALPHA_STD,))
+
+
+@TRANSFORMS.register_module()
+class AddAlphaChannel(BaseTransform):
+    """Append an alpha channel (uint8, 255 = region) to ``results["img"]``.
+
+    Put it after photometric transforms and before geometric ones (Resize, Flip, Pad), which then move
+    image and alpha together; padding fills alpha with 0, i.e. background.
+
+    Args:
+        source: ``"whole"`` (all foreground), ``"gt_bboxes"`` / ``"gt_masks"`` (the union of the
+            annotations: referring-style prompts), or ``"prompt"`` (``results["alpha_prompt"]``: a box
+            ``xyxy``, a mask, a polygon or an RLE, in image pixels; absent = whole image).
+    """
+
+    def __init__(self, source: str = "whole"):
+        if source not in ("whole", "gt_bboxes", "gt_masks", "prompt"):
+            raise ValueError(f"source must be 'whole', 'gt_bboxes', 'gt_masks' or 'prompt'; got {source!r}")
+        self.source = source
+
+    def _mask(self, results: dict, h: int, w: int) -> np.ndarray:
+        if self.source == "gt_bboxes" and len(results.get("gt_bboxes", [])):
+            mask = np.zeros((h, w), np.float32)
+            for box in np.asarray(results["gt_bboxes"].tensor if hasattr(results["gt_bboxes"], "tensor")
+                                  else results["gt_bboxes"]).reshape(-1, 4):
+                x0, y0, x1, y1 = np.clip(box, 0, [w, h, w, h])
+                mask = np.maximum(mask, region_mask([x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)], h, w))
+            return mask
+        if self.source == "gt_masks" and len(results.get("gt_masks", [])):
+            return np.asarray(results["gt_masks"].to_ndarray()).max(axis=0).astype(np.float32)
+        if self.source == "prompt" and results.get("alpha_prompt") is not None:
+            return region_mask(results["alpha_prompt"], h, w)
+        return np.ones((h, w), np.float32)
+
+    def transform(self, results: dict) -> dict:
+        img = results["img"]
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"AddAlphaChannel expects an [H, W, 3] image; got shape {img.shape}")
+        h, w = img.shape[:2]
+        alpha = np.rint(self._mask(results, h, w) * 255).astype(img.dtype)
+        results["img"] = np.concatenate([img, alpha[..., None]], axis=2)
+        return results
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(source={self.source!r})"
+
+
+@MODELS.register_module()
+class AlphaDetDataPreprocessor(DetDataPreprocessor):
+    """``DetDataPreprocessor`` for RGB + alpha.
+
+    RGB takes the usual path (BGR->RGB, CLIP mean/std, padding); the alpha channel is normalised with its
+    own mean/std (0.5/0.26 on the 0-255 scale), padded as background, and appended. Batches of 3-channel
+    images pass through unchanged: the backbone reads them as whole images.
+
+    Args:
+        mean, std: four values (R, G, B, alpha) on the 0-255 scale; default CLIP's and alpha's.
+        **kwargs: as ``DetDataPreprocessor`` (``bgr_to_rgb``, ``pad_size_divisor``, ``batch_augments``...).
+    """
+
+    def __init__(self, mean: Sequence[float] = RGBA_MEAN_255, std: Sequence[float] = RGBA_STD_255, **kwargs):
+        if len(mean) != 4 or len(std) != 4:
+            raise ValueError(f"mean and std need 4 values (R, G, B, alpha); got {len(mean)} and {len(std)}")
+        super().__init__(mean=list(mean[:3]), std=list(std[:3]), **kwargs)
+        self.alpha_mean, self.alpha_std = float(mean[3]), float(std[3])
+
+    def _split(self, inputs) -> tuple:
+        channels = {int(x.shape[-3]) for x in inputs}
+        if len(channels) != 1 or channels - {3, 4}:
+            raise ValueError(f"a batch must be all 3-channel or all 4-channel images; got channels {sorted(channels)}")
+        if channels == {3}:
+            return inputs, None
+        if isinstance(inputs, torch.Tensor):
+            return inputs[:, :3], list(inputs[:, 3:])
+        return [x[:3] for x in inputs], [x[3:] for x in inputs]
+
+    def _alpha(self, alphas: List[torch.Tensor], size, device) -> torch.Tensor:
+        background = (0.0 - self.alpha_mean) / self.alpha_std
+        out = []
+        for a in alphas:
+            a = (a.to(device).float() - self.alpha_mean) / self.alpha_std
+            out.append(F.pad(a, (0, size[1] - a.shape[-1], 0, size[0] - a.shape[-2]), value=background))
+        return torch.stack(out)
+
+    def forward(self, data: dict, training: bool = False) -> dict:
+        rgb, alphas = self._split(data["inputs"])
+        augments, self.batch_augments = self.batch_augments, None  # applied below, to all four channels
+        try:
+            out = super().forward({**data, "inputs": rgb}, training)
+        finally:
+            self.batch_augments = augments
+        inputs, samples = out["inputs"], out["data_samples"]
+        if alphas is not None:
+            inputs = torch.cat([inputs, self._alpha(alphas, inputs.shape[-2:], inputs.device)], dim=1)
+        if training and augments is not None:
+            for aug in augments:
+                inputs, samples = aug(inputs, samples)
+        return {"inputs": inputs, "data_samples": samples}
+
+
+def denormalize_rgb(preprocessor: Optional[DetDataPreprocessor], inputs: torch.Tensor) -> torch.Tensor:
+    """Undo the preprocessor's RGB normalisation: ``[B, C, H, W]`` -> RGB in [0, 1] ``[B, 3, H, W]``."""
+    rgb = inputs[:, :3]
+    if preprocessor is not None and getattr(preprocessor, "_enable_normalize", False):
+        rgb = rgb * preprocessor.std.to(rgb.device) + preprocessor.mean.to(rgb.device)
+    return (rgb / 255.0).clamp(0, 1)

@@ -1,0 +1,109 @@
+"""Open-vocabulary detection with MMDetection: the core's zero-shot classifier and Alpha-CLIP re-scoring."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from mmdet.models.detectors import TwoStageDetector
+from mmdet.registry import MODELS
+from torch import nn
+
+from ...core.factory import resolve_model
+from ...core.open_vocab import RegionScorer, ZeroShotClassifier, clip_boxes, rescore_detections
+from ...core.zeroshot import load_text_embeddings
+from .data import denormalize_rgb
+
+# Built by BBoxHead from `cls_predictor_cfg`, which passes in_features and out_features (classes + 1).
+MODELS.register_module(name="ZeroShotClassifier", module=ZeroShotClassifier)
+
+
+@MODELS.register_module()
+class AlphaCLIPRegionScorer(nn.Module):
+    """Re-score detections with Alpha-CLIP: the full image, each box (or mask) as alpha.
+
+    Args:
+        labels: the detector's class names, in its label order.
+        clip: ``"default"`` (embedded model), a ``save_pretrained`` directory, a checkpoint, or
+            ``create_model`` keyword arguments.
+        novel_classes: names the detector never trained on (weighted by ``beta_novel``).
+        alpha_base, beta_novel: weight of Alpha-CLIP in the geometric mean for base / novel classes.
+        use_masks: score predicted masks instead of boxes when the detector has them.
+    """
+
+    def __init__(self, labels: Sequence[str], clip: Any = "default", templates: Any = "ovseg",
+                 novel_classes: Sequence[str] = (), alpha_base: float = 0.35, beta_novel: float = 0.65,
+                 use_masks: bool = False):
+        super().__init__()
+        self.clip = resolve_model(clip).eval()
+        self.scorer = RegionScorer(self.clip, labels, templates)
+        self.novel_names, self.alpha_base, self.beta_novel = set(novel_classes), alpha_base, beta_novel
+        self.use_masks = use_masks
+
+    def set_vocabulary(self, labels: Sequence[str], novel_classes: Sequence[str] = ()) -> None:
+        self.scorer.set_vocabulary(labels)
+        self.novel_names = set(novel_classes)
+
+    def score(self, image: torch.Tensor, regions: Sequence[Any]) -> torch.Tensor:
+        """``[N, K]`` Alpha-CLIP probabilities of regions of ``image [3, H, W]`` (values in [0, 1])."""
+        return self.scorer(image, regions)
+
+    @torch.no_grad()
+    def rescore(self, image: torch.Tensor, pred, scale_factor: Sequence[float] = (1.0, 1.0)) -> None:
+        """Fuse Alpha-CLIP into ``pred.scores`` in place and add ``pred.clip_scores [N, K]``.
+
+        ``pred`` is in original-image pixels; ``image [3, h, w]`` is the network input, ``scale_factor``
+        ``(w, h)`` times the original.
+        """
+        h, w = image.shape[-2:]
+        if self.use_masks and "masks" in pred and len(pred):
+            masks = F.interpolate(pred.masks[:, None].float(), size=(h, w), mode="nearest")[:, 0]
+            regions: List[Any] = [m.cpu().numpy() > 0.5 for m in masks]
+        else:
+            regions = clip_boxes(pred.bboxes * pred.bboxes.new_tensor(list(scale_factor) * 2), h, w)
+        novel = torch.tensor([name in self.novel_names for name in self.scorer.labels])
+        pred.scores, pred.clip_scores = rescore_detections(
+            self.scorer, image, regions, pred.labels, pred.scores, novel, self.alpha_base, self.beta_novel)
+
+
+@MODELS.register_module()
+class OpenVocabTwoStageDetector(TwoStageDetector):
+    """A two-stage detector (Faster / Mask R-CNN) whose predictions are re-scored by Alpha-CLIP.
+
+    Args:
+        region_scorer: an ``AlphaCLIPRegionScorer`` config; None = the plain detector.
+        **kwargs: as ``TwoStageDetector``.
+    """
+
+    def __init__(self, region_scorer: Optional[dict] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.region_scorer = MODELS.build(region_scorer) if region_scorer is not None else None
+
+    def predict(self, batch_inputs: torch.Tensor, batch_data_samples, rescale: bool = True):
+        results = super().predict(batch_inputs, batch_data_samples, rescale=rescale)
+        if self.region_scorer is None:
+            return results
+        images = denormalize_rgb(self.data_preprocessor, batch_inputs)
+        for image, sample in zip(images, results):
+            h, w = sample.img_shape
+            scale = sample.scale_factor if rescale else (1.0, 1.0)
+            self.region_scorer.rescore(image[:, :h, :w], sample.pred_instances, scale)
+        return results
+
+
+def set_vocabulary(detector: nn.Module, text_embeddings: Union[str, Path], novel_classes: Sequence[str] = ()) -> None:
+    """Swap a built detector's vocabulary in place: classifier, head ``num_classes``, region scorer."""
+    emb, labels = load_text_embeddings(text_embeddings)
+    found = False
+    for module in detector.modules():
+        if isinstance(module, ZeroShotClassifier):
+            module.set_vocabulary(emb, labels)
+            found = True
+        elif isinstance(getattr(module, "fc_cls", None), ZeroShotClassifier):
+            module.num_classes = len(labels)
+        elif isinstance(module, AlphaCLIPRegionScorer):
+            module.set_vocabulary(labels, novel_classes)
+            found = True
+    if not found:
+        raise ValueError("the detector has no ZeroShotClassifier or AlphaCLIPRegionScorer whose vocabulary to swap")

@@ -1,0 +1,25 @@
+# Open-vocabulary Faster R-CNN (F-VLM recipe): a frozen Alpha-CLIP backbone, a bbox head whose classifier
+# is Alpha-CLIP text embeddings of the class names, and Alpha-CLIP re-scoring of every detection with its
+# box as alpha, fused with the detector's score (geometric mean; novel classes lean on Alpha-CLIP).
+# Swap the vocabulary at inference with alphaclip_plugins.integrations.mmdet.set_vocabulary(model, file).
+_base_ = './faster-rcnn_alphaclip-vit-b16_sfp_1x_coco.py'
+
+classes = ('person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat', 'dog', 'cat')
+novel_classes = ('bus', 'cat')  # held out of training annotations; scored mainly by Alpha-CLIP
+# The CLIP used for text embeddings and re-scoring: 'default' is the embedded demo model; use real weights:
+clip = dict(name='ViT-B/16', pretrained='checkpoints/ViT-B-16.pt',
+            alpha_checkpoint='checkpoints/clip_b16_grit1m_fultune_8xe.pth')
+
+model = dict(
+    type='OpenVocabTwoStageDetector',
+    backbone=dict(frozen=True),
+    roi_head=dict(
+        bbox_head=dict(
+            num_classes=len(classes),
+            reg_class_agnostic=True,
+            cls_predictor_cfg=dict(
+                type='ZeroShotClassifier', text_embeddings='work_dirs/text_embeddings_ov.safetensors',
+                class_names=classes, clip=clip, templates='ovseg'))),
+    region_scorer=dict(type='AlphaCLIPRegionScorer', labels=classes, clip=clip, novel_classes=novel_classes,
+                       alpha_base=0.35, beta_novel=0.65),
+)
