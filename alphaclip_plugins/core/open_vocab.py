@@ -176,3 +176,16 @@ class ZeroShotClassifier(nn.Module):
         x = F.normalize(self.proj(x.flatten(1)), dim=-1)
         weights = torch.cat([self.text_embeddings, F.normalize(self.background, dim=0)[None]])  # [K + 1, D]
         return self.logit_scale * x @ weights.T
+
+
+def swap_classifier_vocabulary(model: nn.Module, text_embeddings: Union[str, Path]) -> Tuple[list, int]:
+    """Point every :class:`ZeroShotClassifier` inside ``model`` at the classes of ``text_embeddings``.
+
+    Returns:
+        ``(labels, number of classifiers swapped)``; the caller updates its framework's class counts.
+    """
+    emb, labels = load_text_embeddings(text_embeddings)
+    classifiers = [m for m in model.modules() if isinstance(m, ZeroShotClassifier)]
+    for m in classifiers:
+        m.set_vocabulary(emb, labels)
+    return labels, len(classifiers)

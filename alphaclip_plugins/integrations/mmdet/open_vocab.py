@@ -11,8 +11,9 @@ from mmdet.registry import MODELS
 from torch import nn
 
 from ...core.factory import resolve_model
-from ...core.open_vocab import RegionScorer, ZeroShotClassifier, clip_boxes, rescore_detections
-from ...core.zeroshot import load_text_embeddings
+from ...core.open_vocab import (
+    RegionScorer, ZeroShotClassifier, clip_boxes, rescore_detections, swap_classifier_vocabulary,
+)
 from .data import denormalize_rgb
 
 # Built by BBoxHead from `cls_predictor_cfg`, which passes in_features and out_features (classes + 1).
@@ -94,16 +95,12 @@ class OpenVocabTwoStageDetector(TwoStageDetector):
 
 def set_vocabulary(detector: nn.Module, text_embeddings: Union[str, Path], novel_classes: Sequence[str] = ()) -> None:
     """Swap a built detector's vocabulary in place: classifier, head ``num_classes``, region scorer."""
-    emb, labels = load_text_embeddings(text_embeddings)
-    found = False
+    labels, found = swap_classifier_vocabulary(detector, text_embeddings)
     for module in detector.modules():
-        if isinstance(module, ZeroShotClassifier):
-            module.set_vocabulary(emb, labels)
-            found = True
-        elif isinstance(getattr(module, "fc_cls", None), ZeroShotClassifier):
+        if isinstance(getattr(module, "fc_cls", None), ZeroShotClassifier):
             module.num_classes = len(labels)
         elif isinstance(module, AlphaCLIPRegionScorer):
             module.set_vocabulary(labels, novel_classes)
-            found = True
+            found += 1
     if not found:
         raise ValueError("the detector has no ZeroShotClassifier or AlphaCLIPRegionScorer whose vocabulary to swap")
