@@ -1,0 +1,23 @@
+"""Detectron2: Alpha-CLIP backbone, 4-channel data, checkpoint loading and open vocabulary.
+
+Importing this module registers ``build_alphaclip_vit_backbone`` / ``build_alphaclip_vit_sfp_backbone``
+(BACKBONE_REGISTRY), ``AlphaGeneralizedRCNN`` (META_ARCH_REGISTRY) and ``OpenVocabROIHeads``
+(ROI_HEADS_REGISTRY). Call :func:`add_alphaclip_config` on a yacs config before merging a config file.
+"""
+from .. import require
+
+require("detectron2", "detectron2", "detectron2 is not on PyPI: install it from its source, e.g. "
+        "pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git'")
+
+from .backbone import (  # noqa: E402
+    AlphaCLIPViTBackbone, add_alphaclip_config, build_alphaclip_vit_backbone, build_alphaclip_vit_sfp_backbone,
+)
+from .data import AlphaDatasetMapper  # noqa: E402
+from .meta_arch import AlphaCLIPCheckpointer, AlphaGeneralizedRCNN  # noqa: E402
+from .open_vocab import OpenVocabROIHeads, ZeroShotFastRCNNOutputLayers, set_vocabulary  # noqa: E402
+
+__all__ = [
+    "AlphaCLIPViTBackbone", "add_alphaclip_config", "build_alphaclip_vit_backbone", "build_alphaclip_vit_sfp_backbone",
+    "AlphaDatasetMapper", "AlphaCLIPCheckpointer", "AlphaGeneralizedRCNN", "OpenVocabROIHeads",
+    "ZeroShotFastRCNNOutputLayers", "set_vocabulary",
+]

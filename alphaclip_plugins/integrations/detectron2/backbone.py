@@ -1,0 +1,126 @@
+"""``AlphaCLIPViTBackbone``: the core vision tower as a Detectron2 backbone, and its yacs config."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict
+
+import torch
+from detectron2.config import CfgNode as CN
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, SimpleFeaturePyramid
+from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+
+from ...core.alpha import ALPHA_MEAN, ALPHA_STD, CLIP_MEAN, CLIP_STD
+from ...core.config import get_config
+from ...core.vision import VisionTransformer
+
+#: MODEL.PIXEL_MEAN / PIXEL_STD for INPUT.FORMAT "RGB" plus alpha, on the 0-255 scale.
+PIXEL_MEAN = [255 * m for m in CLIP_MEAN] + [255 * ALPHA_MEAN]
+PIXEL_STD = [255 * s for s in CLIP_STD] + [255 * ALPHA_STD]
+
+
+class AlphaCLIPViTBackbone(Backbone):
+    """Alpha-CLIP ViT producing one feature map ``{out_feature: [B, width, H/p, W/p]}``.
+
+    Input is ``[B, 4, H, W]`` (RGB + normalised alpha) or ``[B, 3, H, W]`` (whole image); any size that
+    is a multiple of the patch works (the positional embedding is resampled). Wrap it in detectron2's
+    ``SimpleFeaturePyramid`` for multi-scale output.
+
+    Args:
+        arch: core architecture name (``"ViT-B/16"``, ``"ViT-L/14"``, ``"tiny"``...).
+        out_feature: name of the output map.
+        block: index of the block whose output is returned (-1: the last).
+        frozen: freeze the whole tower and keep it in eval mode.
+        frozen_stages: -1 none; 0 the stem; k the stem and the first k blocks.
+        with_cp: gradient checkpointing of the blocks.
+        **overrides: vision config fields, e.g. ``image_size=336``.
+    """
+
+    def __init__(self, arch: str = "ViT-B/16", out_feature: str = "last_feat", block: int = -1, frozen: bool = False,
+                 frozen_stages: int = -1, with_cp: bool = False, **overrides: Any):
+        super().__init__()
+        cfg = get_config(arch).replace(**{f"vision_{k}": v for k, v in overrides.items()}).vision
+        self.visual = VisionTransformer(cfg)
+        self.block = block % cfg.layers
+        self.frozen = frozen
+        self.visual.set_grad_checkpointing(with_cp)
+        self.visual.freeze_head()  # the pooling head is unused by feature maps
+        if frozen:
+            self.visual.freeze()
+        elif frozen_stages >= 0:
+            self.visual.freeze(frozen_stages)
+        self._out_features = [out_feature]
+        self._out_feature_channels = {out_feature: cfg.width}
+        self._out_feature_strides = {out_feature: cfg.patch_size}
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.visual.patch_size
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        return {"size_divisibility": self.visual.patch_size}
+
+    def train(self, mode: bool = True) -> "AlphaCLIPViTBackbone":
+        super().train(mode)
+        if self.frozen:
+            self.visual.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        (feat,) = self.visual.forward_intermediates(x, indices=[self.block], intermediates_only=True)
+        return {self._out_features[0]: feat}
+
+
+def add_alphaclip_config(cfg: CN) -> CN:
+    """Add the ``MODEL.ALPHACLIP`` and ``INPUT.ALPHA_SOURCE`` keys (with defaults) to a yacs config."""
+    cfg.MODEL.ALPHACLIP = CN()
+    a = cfg.MODEL.ALPHACLIP
+    a.ARCH = "ViT-B/16"  # core architecture name
+    a.IMAGE_SIZE = 0  # 0 = the architecture's; positions are resampled to any input size anyway
+    a.OUT_FEATURE = "last_feat"
+    a.FROZEN = False  # freeze the whole tower (F-VLM style)
+    a.FROZEN_STAGES = -1  # -1 none, 0 stem, k stem + first k blocks
+    a.WITH_CP = False  # gradient checkpointing
+    a.SFP_OUT_CHANNELS = 256  # simple feature pyramid
+    a.SFP_SCALE_FACTORS = [4.0, 2.0, 1.0, 0.5]
+    a.SFP_NORM = "LN"
+    a.SQUARE_PAD = 0  # > 0: pad inputs to this square size (ViTDet large-scale jitter)
+    # Open vocabulary
+    a.TEXT_EMBEDDINGS = ""  # file from save_text_embeddings; computed from CLASS_NAMES with CLIP if missing
+    a.CLASS_NAMES = []
+    a.CLIP = "default"  # "default" (embedded model), a save_pretrained dir, or a checkpoint
+    a.TEMPLATES = "ovseg"
+    a.RESCORE = False  # re-score detections with Alpha-CLIP (box as alpha)
+    a.NOVEL_CLASSES = []
+    a.ALPHA_BASE = 0.35  # weight of Alpha-CLIP in the geometric mean, base classes
+    a.BETA_NOVEL = 0.65  # the same, novel classes
+    cfg.INPUT.ALPHA_SOURCE = "whole"  # "whole", "gt_boxes", "gt_masks" or "prompt" (dataset_dict["alpha_prompt"])
+    return cfg
+
+
+def _vit_from_cfg(cfg: CN) -> AlphaCLIPViTBackbone:
+    a = cfg.MODEL.ALPHACLIP
+    extra = {"image_size": a.IMAGE_SIZE} if a.IMAGE_SIZE else {}
+    return AlphaCLIPViTBackbone(a.ARCH, a.OUT_FEATURE, frozen=a.FROZEN, frozen_stages=a.FROZEN_STAGES,
+                                with_cp=a.WITH_CP, **extra)
+
+
+@BACKBONE_REGISTRY.register()
+def build_alphaclip_vit_backbone(cfg: CN, input_shape: ShapeSpec) -> Backbone:
+    """The single-scale tower (``MODEL.BACKBONE.NAME: build_alphaclip_vit_backbone``)."""
+    return _vit_from_cfg(cfg)
+
+
+@BACKBONE_REGISTRY.register()
+def build_alphaclip_vit_sfp_backbone(cfg: CN, input_shape: ShapeSpec) -> Backbone:
+    """The tower inside detectron2's ``SimpleFeaturePyramid``: outputs ``p2``..``p6`` for FPN-style heads."""
+    a = cfg.MODEL.ALPHACLIP
+    net = _vit_from_cfg(cfg)
+    top = LastLevelMaxPool()
+    # The max-pooled extra level follows the coarsest pyramid level ("p5" for patch 16).
+    top.in_feature = f"p{int(math.log2(net.visual.patch_size / min(a.SFP_SCALE_FACTORS)))}"
+    return SimpleFeaturePyramid(
+        net=net, in_feature=a.OUT_FEATURE, out_channels=a.SFP_OUT_CHANNELS, scale_factors=tuple(a.SFP_SCALE_FACTORS),
+        top_block=top, norm=a.SFP_NORM, square_pad=a.SQUARE_PAD,
+    )

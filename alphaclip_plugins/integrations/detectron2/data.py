@@ -1,0 +1,86 @@
+"""``AlphaDatasetMapper``: Detectron2's dataset mapper with an alpha channel moved by the same transforms."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import DatasetMapper
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from ...core.regions import region_mask
+
+SOURCES = ("whole", "gt_boxes", "gt_masks", "prompt")
+
+
+def alpha_mask(dataset_dict: Dict[str, Any], source: str, height: int, width: int) -> np.ndarray:
+    """The region of a dataset dict as a float mask ``[H, W]`` in [0, 1], before any transform.
+
+    ``gt_boxes`` / ``gt_masks`` take the union of the annotations (referring-style prompts);
+    ``prompt`` reads ``dataset_dict["alpha_prompt"]`` (box ``xyxy``, mask, polygon or RLE).
+    """
+    annotations = dataset_dict.get("annotations") or []
+    mask = np.zeros((height, width), np.float32)
+    if source == "gt_boxes" and annotations:
+        from detectron2.structures import BoxMode
+
+        for ann in annotations:
+            x0, y0, x1, y1 = BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS)
+            box = [min(max(x0, 0), width - 1), min(max(y0, 0), height - 1), min(x1, width), min(y1, height)]
+            box[2], box[3] = max(box[2], box[0] + 1), max(box[3], box[1] + 1)
+            mask = np.maximum(mask, region_mask(box, height, width))
+        return mask
+    if source == "gt_masks" and annotations:
+        for ann in annotations:
+            seg = ann["segmentation"]
+            region = {"polygon": seg} if isinstance(seg, list) else seg
+            mask = np.maximum(mask, region_mask(region, height, width))
+        return mask
+    if source == "prompt" and dataset_dict.get("alpha_prompt") is not None:
+        return region_mask(dataset_dict["alpha_prompt"], height, width)
+    return np.ones((height, width), np.float32)
+
+
+class AlphaDatasetMapper(DatasetMapper):
+    """``DatasetMapper`` whose ``image`` is ``[4, H, W]``: the image plus its alpha (255 = region).
+
+    The alpha channel is attached before augmentation, so resizing and flipping move image and alpha
+    together (PIL resizes the 4 channels as one RGBA image).
+
+    Args:
+        alpha_source: ``"whole"``, ``"gt_boxes"``, ``"gt_masks"`` or ``"prompt"``.
+        **kwargs: as ``DatasetMapper``.
+    """
+
+    @configurable
+    def __init__(self, is_train: bool = True, *, alpha_source: str = "whole", **kwargs):
+        if alpha_source not in SOURCES:
+            raise ValueError(f"alpha_source must be one of {SOURCES}; got {alpha_source!r}")
+        super().__init__(is_train, **kwargs)
+        self.alpha_source = alpha_source
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        ret["alpha_source"] = cfg.INPUT.get("ALPHA_SOURCE", "whole")
+        return ret
+
+    def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        alpha = alpha_mask(dataset_dict, self.alpha_source, *image.shape[:2])
+        image = np.concatenate([image, np.rint(alpha * 255).astype(image.dtype)[..., None]], axis=2)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if not self.is_train:
+            dataset_dict.pop("annotations", None)
+            return dataset_dict
+        if "annotations" in dataset_dict:
+            self._transform_annotations(dataset_dict, transforms, image.shape[:2])
+        return dataset_dict

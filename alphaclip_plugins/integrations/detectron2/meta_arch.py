@@ -1,0 +1,119 @@
+"""``AlphaGeneralizedRCNN``: GeneralizedRCNN for RGB + alpha, any checkpoint layout, Alpha-CLIP re-scoring."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+
+from ...core.checkpoint import tower_state_dict
+from ...core.convert import detect_format
+from ...core.factory import resolve_model
+from ...core.io import read_state_dict
+from ...core.open_vocab import RegionScorer, clip_boxes, rescore_detections
+from ...core.vision import VisionTransformer
+
+_DETECTOR_PREFIXES = ("backbone.", "proposal_generator.", "roi_heads.", "pixel_mean", "pixel_std")
+
+
+@META_ARCH_REGISTRY.register()
+class AlphaGeneralizedRCNN(GeneralizedRCNN):
+    """GeneralizedRCNN for an Alpha-CLIP backbone.
+
+    * ``PIXEL_MEAN``/``PIXEL_STD`` hold four values (RGB + alpha); a 3-channel input gets an all-foreground
+      alpha (the whole image), and padding is filled with background alpha.
+    * ``load_state_dict`` accepts any layout the core loader reads (official Alpha-CLIP ``.pth``, OpenAI,
+      open_clip, Hugging Face, timm): it is converted into the backbone's vision tower, so
+      ``DetectionCheckpointer(model).load(path)`` / ``MODEL.WEIGHTS`` just work.
+    * With a ``region_scorer``, inference re-scores every detection with Alpha-CLIP (its box as alpha).
+    """
+
+    @configurable
+    def __init__(self, *, region_scorer: Optional[RegionScorer] = None, novel_classes: Sequence[str] = (),
+                 alpha_base: float = 0.35, beta_novel: float = 0.65, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.region_scorer = region_scorer
+        self.novel_classes, self.alpha_base, self.beta_novel = set(novel_classes), alpha_base, beta_novel
+        self._register_load_state_dict_pre_hook(self._convert_foreign_checkpoint)
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict[str, Any]:
+        ret = super().from_config(cfg)
+        a = cfg.MODEL.get("ALPHACLIP")
+        if a is not None and a.RESCORE:
+            ret.update(region_scorer=RegionScorer(resolve_model(a.CLIP), a.CLASS_NAMES, a.TEMPLATES),
+                       novel_classes=a.NOVEL_CLASSES, alpha_base=a.ALPHA_BASE, beta_novel=a.BETA_NOVEL)
+        return ret
+
+    # --- input ----------------------------------------------------------------------------------------
+    def preprocess_image(self, batched_inputs: List[Dict[str, Any]]):
+        if self.pixel_mean.shape[0] == 4:
+            batched_inputs = [{**x, "image": _with_alpha(x["image"])} for x in batched_inputs]
+        images = super().preprocess_image(batched_inputs)
+        if self.pixel_mean.shape[0] == 4:
+            background = float((0.0 - self.pixel_mean[3]) / self.pixel_std[3])
+            for i, (h, w) in enumerate(images.image_sizes):
+                images.tensor[i, 3, h:, :] = background
+                images.tensor[i, 3, :, w:] = background
+        return images
+
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def _tower_prefix(self) -> str:
+        for name, module in self.named_modules():
+            if isinstance(module, VisionTransformer):
+                return name + "."
+        raise ValueError("the model has no Alpha-CLIP vision tower to load the checkpoint into")
+
+    def _convert_foreign_checkpoint(self, state_dict, prefix, *args) -> None:
+        keys = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
+        if not keys or any(k.startswith(_DETECTOR_PREFIXES) for k in keys):
+            return  # a detectron2 checkpoint of this model
+        own = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
+        detect_format(own)  # raises a clear error for files of no known layout
+        tower = self._tower_prefix()
+        for k, v in tower_state_dict(own, self.get_submodule(tower[:-1])).items():
+            state_dict[prefix + tower + k] = v
+
+    # --- output -------------------------------------------------------------------------------------------
+    def inference(self, batched_inputs, detected_instances=None, do_postprocess: bool = True):
+        results = super().inference(batched_inputs, detected_instances, do_postprocess)
+        if self.region_scorer is None or not do_postprocess:
+            return results
+        for x, r in zip(batched_inputs, results):
+            self._rescore(x, r["instances"])
+        return results
+
+    @torch.no_grad()
+    def _rescore(self, x: Dict[str, Any], inst) -> None:
+        image = x["image"][:3].float() / 255.0
+        if self.input_format == "BGR":
+            image = image.flip(0)
+        h, w = image.shape[-2:]
+        out_h, out_w = inst.image_size
+        boxes = inst.pred_boxes.tensor * torch.tensor([w / out_w, h / out_h] * 2, device=inst.pred_boxes.tensor.device)
+        labels = self.region_scorer.labels
+        novel = torch.tensor([name in self.novel_classes for name in labels])
+        inst.scores, inst.clip_scores = rescore_detections(
+            self.region_scorer, image.cpu(), clip_boxes(boxes, h, w), inst.pred_classes, inst.scores, novel,
+            self.alpha_base, self.beta_novel)
+
+
+def _with_alpha(image: torch.Tensor) -> torch.Tensor:
+    """A 3-channel image gets an all-foreground alpha (255): the whole image."""
+    if image.shape[0] == 3:
+        return torch.cat([image, torch.full_like(image[:1], 255)])
+    if image.shape[0] != 4:
+        raise ValueError(f"images must have 3 or 4 channels (RGB + alpha); got {image.shape[0]}")
+    return image
+
+
+class AlphaCLIPCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that also reads safetensors files, TorchScript archives (OpenAI CLIP) and
+    Hugging Face directories through the core reader (pickles only with ``weights_only=True``)."""
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith(".pkl"):
+            return super()._load_file(filename)
+        return {"model": read_state_dict(filename), "__author__": "alphaclip-plugins"}

@@ -1,0 +1,64 @@
+"""Open vocabulary in Detectron2: a zero-shot box predictor and a vocabulary swap at inference."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+from detectron2.config import configurable
+from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+from torch import nn
+
+from ...core.open_vocab import ZeroShotClassifier, swap_classifier_vocabulary
+
+
+class ZeroShotFastRCNNOutputLayers(FastRCNNOutputLayers):
+    """``FastRCNNOutputLayers`` whose ``cls_score`` is the core :class:`ZeroShotClassifier`.
+
+    Use class-agnostic box regression so the vocabulary can change at inference.
+
+    Args:
+        zero_shot: keyword arguments of ``ZeroShotClassifier`` other than the feature sizes
+            (``text_embeddings``, ``class_names``, ``clip``, ``templates``, ``logit_scale``).
+        **kwargs: as ``FastRCNNOutputLayers``.
+    """
+
+    @configurable
+    def __init__(self, input_shape, *, zero_shot: Dict[str, Any], **kwargs: Any):
+        super().__init__(input_shape, **kwargs)
+        self.cls_score = ZeroShotClassifier(self.cls_score.in_features, self.cls_score.out_features, **zero_shot)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        a = cfg.MODEL.ALPHACLIP
+        ret["zero_shot"] = dict(text_embeddings=a.TEXT_EMBEDDINGS, class_names=list(a.CLASS_NAMES) or None,
+                                clip=a.CLIP, templates=a.TEMPLATES)
+        return ret
+
+
+@ROI_HEADS_REGISTRY.register()
+class OpenVocabROIHeads(StandardROIHeads):
+    """``StandardROIHeads`` with the zero-shot box predictor (``MODEL.ROI_HEADS.NAME: OpenVocabROIHeads``)."""
+
+    @classmethod
+    def _init_box_head(cls, cfg, input_shape):
+        ret = super()._init_box_head(cfg, input_shape)
+        ret["box_predictor"] = ZeroShotFastRCNNOutputLayers(cfg, ret["box_head"].output_shape)
+        return ret
+
+
+def set_vocabulary(model: nn.Module, text_embeddings: Union[str, Path],
+                   novel_classes: Optional[Sequence[str]] = None) -> None:
+    """Swap a built detector's vocabulary in place: zero-shot classifier, ``num_classes``, region scorer."""
+    labels, found = swap_classifier_vocabulary(model, text_embeddings)
+    for module in model.modules():
+        if isinstance(getattr(module, "cls_score", None), ZeroShotClassifier) or isinstance(module, StandardROIHeads):
+            module.num_classes = len(labels)
+    scorer = getattr(model, "region_scorer", None)
+    if scorer is not None:
+        scorer.set_vocabulary(labels)
+        model.novel_classes = set(novel_classes or ())
+        found += 1
+    if not found:
+        raise ValueError("the model has no ZeroShotClassifier or region scorer whose vocabulary to swap")
