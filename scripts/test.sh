@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh test
 if [ -d alphaclip_plugins/integrations/mmdet ]; then
   bash scripts/build_mmcv.sh "$PY"
-  "$PY" -m pip install -q "mmdet==3.3.0" "mmengine==0.10.7"
+  # mmengine imports pkg_resources, which setuptools 81 removed.
+  "$PY" -m pip install -q "mmdet==3.3.0" "mmengine==0.10.7" "setuptools>=77,<81"
 fi
 exec "$PY" -m pytest -q "$@"
