@@ -26,12 +26,9 @@ def _load_model(args: argparse.Namespace):
     if args.pretrained or args.alpha_checkpoint:
         return create_model(args.model, pretrained=args.pretrained, alpha_checkpoint=args.alpha_checkpoint,
                             strict=not args.non_strict), None
-    try:
-        from .train.default_model import DEFAULT_LABELS, load_default_model
-    except ImportError:
-        sys.exit("error: no weights given and no embedded default model is installed; pass --pretrained "
-                 "(a CLIP checkpoint) and --alpha-checkpoint (an Alpha-CLIP vision tower)")
-    return load_default_model(), list(DEFAULT_LABELS)
+    from .train.default_model import default_labels, load_default_model
+
+    return load_default_model(), default_labels()
 
 
 def cmd_classify(args: argparse.Namespace) -> None:

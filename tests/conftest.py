@@ -43,3 +43,26 @@ def import_or_skip(module: str, reason: str = ""):
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         return importlib.import_module(module)
     return pytest.importorskip(module, reason=reason or None)
+
+
+def shape_scenes(count: int = 12, seed: int = 0, distractors: int = 3):
+    """Synthetic detection scenes for the embedded model: ``(image [H, W, 3] uint8, gt boxes, gt labels,
+    distractor boxes)``; labels index ``alphaclip_plugins.train.synthetic.labels()``."""
+    import numpy as np
+
+    from alphaclip_plugins.train.synthetic import draw_image, labels
+
+    names = labels()
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for _ in range(count):
+        scene = draw_image(rng)
+        image = np.asarray(scene.image)
+        gt = [list(s.box) for s in scene.shapes]
+        h, w = image.shape[:2]
+        extra = []
+        for _ in range(distractors):  # background boxes and boxes straddling two shapes
+            x0, y0 = rng.integers(0, w - 12), rng.integers(0, h - 12)
+            extra.append([int(x0), int(y0), int(min(w, x0 + rng.integers(8, 40))), int(min(h, y0 + rng.integers(8, 40)))])
+        scenes.append((image, gt, [names.index(s.label) for s in scene.shapes], extra))
+    return scenes

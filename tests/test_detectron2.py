@@ -184,3 +184,31 @@ def test_open_vocab_config_rescores_and_swaps_vocabulary(tmp_path):
     with torch.no_grad():
         inst = model(_inputs(3))[0]["instances"]
     assert inst.clip_scores.shape[1] == 3 and int(inst.pred_classes.max()) < 3
+
+
+@needs_d2
+def test_region_scorer_with_the_embedded_model_ranks_the_right_label():
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes, Instances
+
+    from alphaclip_plugins.train.synthetic import labels
+    from conftest import shape_scenes
+
+    names = labels()
+    cfg = _yacs("ov_faster_rcnn_alphaclip_vit_b16_sfp.yaml")
+    cfg.MODEL.ALPHACLIP.update(CLASS_NAMES=names, CLIP="default", NOVEL_CLASSES=[])
+    cfg.MODEL.ALPHACLIP.TEXT_EMBEDDINGS = ""
+    cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"  # only the re-scoring is under test here
+    model = build_model(cfg).eval()
+    hits = total = 0
+    for image, gt, gt_labels, extra in shape_scenes(12, seed=1):
+        h, w = image.shape[:2]
+        # The network saw the image at twice its size; boxes are in original pixels, as detectron2 returns.
+        big = torch.from_numpy(np.array(image)).permute(2, 0, 1).repeat_interleave(2, 1).repeat_interleave(2, 2)
+        inst = Instances((h, w), pred_boxes=Boxes(torch.tensor(gt + extra, dtype=torch.float32)),
+                         pred_classes=torch.zeros(len(gt) + len(extra), dtype=torch.long),
+                         scores=torch.full((len(gt) + len(extra),), 0.5))
+        model._rescore(dict(image=big, height=h, width=w), inst)
+        hits += int((inst.clip_scores[: len(gt)].argmax(-1) == torch.tensor(gt_labels)).sum())
+        total += len(gt)
+    assert hits / total >= 0.9, f"region scorer top-1 {hits}/{total}"

@@ -200,3 +200,35 @@ def test_open_vocab_config_trains_predicts_rescores_and_swaps_vocabulary(tmp_pat
         out = model.test_step(_batch(3))
     pred = out[0].pred_instances
     assert pred.clip_scores.shape[1] == 3 and int(pred.labels.max()) < 3
+
+
+def test_region_scorer_with_the_embedded_model_ranks_the_right_label():
+    from mmdet.registry import MODELS
+
+    from alphaclip_plugins.train.synthetic import labels
+    from conftest import shape_scenes
+
+    init_default_scope("mmdet")
+    names = labels()
+    scorer = MODELS.build(dict(type="AlphaCLIPRegionScorer", labels=names, clip="default"))
+    subset = names[::-1][: len(names) // 2]  # a new vocabulary, in another order
+    hits = total = sub_hits = sub_total = 0
+    for image, gt, gt_labels, extra in shape_scenes(12):
+        pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+        boxes = torch.tensor(gt + extra, dtype=torch.float32)
+        pred = InstanceData(bboxes=boxes, labels=torch.zeros(len(boxes), dtype=torch.long),
+                            scores=torch.full((len(boxes),), 0.5))
+        scorer.rescore(pixels, pred)
+        hits += int((pred.clip_scores[: len(gt)].argmax(-1) == torch.tensor(gt_labels)).sum())
+        total += len(gt)
+        scorer.set_vocabulary(subset)  # no rebuild: the next call scores against the new classes
+        pred = InstanceData(bboxes=boxes, labels=torch.zeros(len(boxes), dtype=torch.long),
+                            scores=torch.full((len(boxes),), 0.5))
+        scorer.rescore(pixels, pred)
+        for i, label in enumerate(gt_labels):
+            if names[label] in subset:
+                sub_hits += int(subset[int(pred.clip_scores[i].argmax())] == names[label])
+                sub_total += 1
+        scorer.set_vocabulary(names)
+    assert hits / total >= 0.9, f"region scorer top-1 {hits}/{total}"
+    assert sub_total > 0 and sub_hits / sub_total >= 0.9, f"after the vocabulary swap {sub_hits}/{sub_total}"

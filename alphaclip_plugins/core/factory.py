@@ -103,7 +103,10 @@ def resolve_model(spec: Union[str, PathLike, dict, AlphaCLIP] = "default") -> Al
         return create_model(**spec)
     if spec == "default":
         if not (DEFAULT_MODEL_DIR / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"the embedded default model is missing from {DEFAULT_MODEL_DIR}")
+            raise FileNotFoundError(
+                f"the embedded default model is missing from {DEFAULT_MODEL_DIR}; reinstall alphaclip-plugins, or "
+                f"train it with: alphaclip train configs/train/tiny_shapes.yaml"
+            )
         return from_pretrained(DEFAULT_MODEL_DIR)
     return create_model(None, pretrained=spec)
 

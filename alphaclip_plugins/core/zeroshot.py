@@ -39,11 +39,12 @@ def _text_fingerprint(model: nn.Module) -> Tuple[Any, ...]:
 @torch.no_grad()
 def text_classifier(
     model: nn.Module, labels: Sequence[str], templates: Templates = "ovseg", batch_size: int = 256,
-    progress: bool = False,
+    progress: Optional[bool] = None,
 ) -> torch.Tensor:
     """Normalised class embeddings ``[K, embed_dim]``: each class's prompt embeddings, averaged.
 
-    Results are cached per model and invalidated when the text tower's weights change.
+    Results are cached per model and invalidated when the text tower's weights change. ``progress``
+    shows a bar (by default when there are more than 4 batches of prompts).
     """
     prompts = TEMPLATES[templates] if isinstance(templates, str) else tuple(templates)
     if not labels:
@@ -55,11 +56,13 @@ def text_classifier(
     texts = [t.format(label) for label in labels for t in prompts]
     device = model.token_embedding.weight.device
     chunks = range(0, len(texts), batch_size)
-    if progress:
+    if progress or (progress is None and len(chunks) > 4):
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="text classifier", unit="batch")
-    emb = torch.cat([model.encode_text(tokenize(texts[i : i + batch_size]).to(device), normalize=True) for i in chunks])
+    ctx = model.context_length
+    emb = torch.cat([model.encode_text(tokenize(texts[i : i + batch_size], ctx).to(device), normalize=True)
+                     for i in chunks])
     # [K * T, D] -> [K, T, D] -> class mean -> renormalise
     weights = F.normalize(emb.float().view(len(labels), len(prompts), -1).mean(dim=1), dim=-1)
     cache.clear()  # one vocabulary at a time: a swap replaces the old one
@@ -104,7 +107,7 @@ def save_text_embeddings(
     """
     from .io import save_safetensors
 
-    weights = text_classifier(model, labels, templates, progress=len(labels) > 100)
+    weights = text_classifier(model, labels, templates)
     prompts = TEMPLATES[templates] if isinstance(templates, str) else list(templates)
     meta = {"labels": json.dumps(list(labels)), "templates": json.dumps(list(prompts))}
     save_safetensors({"embeddings": weights}, path, metadata=meta)

@@ -1,0 +1,25 @@
+"""Fine-tuning Alpha-CLIP: region-text data, the paper's recipe, one or many processes, exact resume.
+
+``alphaclip train CONFIG.yaml [key=value ...]`` runs :func:`train`; ``torchrun ... -m alphaclip_plugins.train
+CONFIG.yaml`` runs it on several processes. Names resolve on first use, so importing this package is cheap.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "train": "trainer", "TrainConfig": "config", "load_config": "config",
+    "ContrastiveLoss": "loss", "load_default_model": "default_model", "default_labels": "default_model",
+    "SyntheticConfig": "synthetic",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

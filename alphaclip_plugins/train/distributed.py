@@ -1,0 +1,176 @@
+"""torch.distributed for training: process setup, the feature gather of the contrastive loss, DDP/FSDP wrapping.
+
+A process started by ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment) joins the process group;
+a plain ``python`` process is rank 0 of 1 and runs the same code without any collective call.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistEnv:
+    """This process's place in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str = "auto", backend: str = "auto") -> DistEnv:
+    """Join the process group when launched by torchrun, and pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    return DistEnv(rank, world, local, dev)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_gather_objects(env: DistEnv, obj: Any) -> List[Any]:
+    """Every rank's ``obj`` (small Python values), in rank order."""
+    if not env.distributed:
+        return [obj]
+    out: List[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(env: DistEnv, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``factor`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def gather_features(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows, in rank order, with gradients flowing to this rank's rows only.
+
+    Every rank computes the loss over the global batch; rank ``r`` differentiates it through its own
+    rows ``x`` (the other rows are constants). Summed over ranks these partial gradients are the
+    single-process gradient; DDP and FSDP average instead of summing, so this rank's gradient is scaled
+    by the world size here. The logit scale, replicated on every rank, is not scaled: the average of its
+    identical per-rank gradients is already right.
+
+    Args:
+        x: ``[B, D]`` local rows (any dtype); the batch size must be equal on all ranks.
+
+    Returns:
+        ``[world_size * B, D]``.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world, rank = dist.get_world_size(), dist.get_rank()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank] = _ScaleGrad.apply(x, float(world)) if x.requires_grad else x
+    return torch.cat(parts)
+
+
+def average_grads(env: DistEnv, params: List[nn.Parameter]) -> None:
+    """All-reduce-average the gradients of parameters that no DDP/FSDP wrapper owns."""
+    if not env.distributed:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= env.world_size
+
+
+def wrap(module: nn.Module, env: DistEnv, strategy: str = "ddp") -> nn.Module:
+    """Wrap the trainable module for data parallelism (unchanged in a single process).
+
+    ``ddp``: replicas with gradients averaged in buckets. ``fsdp``: every residual block and the module
+    itself are sharded across ranks (FSDP2 ``fully_shard``), for towers that do not fit one device.
+    """
+    if not env.distributed:
+        return module
+    if strategy == "ddp":
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from ..core.transformer import ResidualAttentionBlock
+
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
+        for block in [m for m in module.modules() if isinstance(m, ResidualAttentionBlock)]:
+            if any(p.requires_grad for p in block.parameters()):
+                fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+        return module
+    raise ValueError(f"distributed.strategy must be 'ddp' or 'fsdp'; got {strategy!r}")
+
+
+@contextlib.contextmanager
+def no_grad_sync(module: nn.Module, skip: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce of a non-final accumulation micro-step (``skip=True``)."""
+    if not skip:
+        yield
+    elif isinstance(module, nn.parallel.DistributedDataParallel):
+        with module.no_sync():
+            yield
+    elif hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+
+def is_fsdp(module: Optional[nn.Module]) -> bool:
+    return module is not None and type(module).__name__.startswith("FSDP")
