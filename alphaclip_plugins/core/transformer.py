@@ -27,7 +27,9 @@ class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)``: the activation OpenAI CLIP was trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x * torch.sigmoid(1.702 * x)
+        return torch.sigmoid(1.702 * x).mul_(x)  # inference: one temporary fewer
 
 
 def make_activation(name: str) -> nn.Module:
