@@ -66,3 +66,8 @@ def shape_scenes(count: int = 12, seed: int = 0, distractors: int = 3):
             extra.append([int(x0), int(y0), int(min(w, x0 + rng.integers(8, 40))), int(min(h, y0 + rng.integers(8, 40)))])
         scenes.append((image, gt, [names.index(s.label) for s in scene.shapes], extra))
     return scenes
+
+
+#: The core "tiny" vision tower as a transformers CLIPVisionConfig (keyword arguments).
+HF_TINY_VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=32, patch_size=8, projection_dim=32)

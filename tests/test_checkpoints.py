@@ -13,7 +13,7 @@ from alphaclip_plugins import create_model, from_pretrained, save_pretrained
 from alphaclip_plugins.core.checkpoint import export_state_dict, load_checkpoint, save_official, save_weights
 from alphaclip_plugins.core.convert import FORMATS, detect_format, from_alphaclip, to_alphaclip
 from alphaclip_plugins.core.io import CheckpointError, read_state_dict
-from conftest import random_alpha, random_alpha_conv_
+from conftest import HF_TINY_VISION, random_alpha, random_alpha_conv_
 
 
 def _openai_layout(model) -> dict:
@@ -102,8 +102,7 @@ def test_hugging_face_directories(tmp_path, clip_source):
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     _, alpha = clip_source
-    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8, projection_dim=32)
+    vision = HF_TINY_VISION
     text = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                 vocab_size=49408, max_position_embeddings=77, eos_token_id=49407)
     hf = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))

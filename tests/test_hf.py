@@ -18,7 +18,7 @@ from alphaclip_plugins.core.config import get_config  # noqa: E402
 from alphaclip_plugins.core.convert import alphaclip_to_hf  # noqa: E402
 from alphaclip_plugins.core.processor import RegionProcessor  # noqa: E402
 from alphaclip_plugins.core.vision import VisionTransformer  # noqa: E402
-from conftest import random_alpha, random_alpha_conv_  # noqa: E402
+from conftest import HF_TINY_VISION, random_alpha, random_alpha_conv_  # noqa: E402
 from transformers import (  # noqa: E402
     AutoImageProcessor,
     AutoModel,
@@ -31,8 +31,7 @@ from transformers import (  # noqa: E402
 
 TOL = 1e-5
 # The core "tiny" tower as a transformers config.
-TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-            patch_size=8, projection_dim=32)
+TINY = HF_TINY_VISION
 TINY_TEXT = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, vocab_size=99,
                  bos_token_id=97, eos_token_id=98, pad_token_id=0)
 

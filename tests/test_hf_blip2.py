@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("transformers")
 
 import alphaclip_plugins.integrations.hf as ahf  # noqa: E402
-from conftest import random_alpha  # noqa: E402
+from conftest import HF_TINY_VISION, random_alpha  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForImageTextToText,
     Blip2Config,
@@ -20,8 +20,7 @@ from transformers import (  # noqa: E402
 )
 
 TOL = 1e-5
-VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-              patch_size=8, projection_dim=32)
+VISION = HF_TINY_VISION
 QUERIES, IMAGE_TOKEN = 4, 5
 
 

@@ -14,7 +14,7 @@ import alphaclip_plugins.integrations.hf as ahf  # noqa: E402
 from alphaclip_plugins.core.checkpoint import save_official  # noqa: E402
 from alphaclip_plugins.core.config import get_config  # noqa: E402
 from alphaclip_plugins.core.vision import VisionTransformer  # noqa: E402
-from conftest import random_alpha, random_alpha_conv_  # noqa: E402
+from conftest import HF_TINY_VISION, random_alpha, random_alpha_conv_  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForImageTextToText,
     CLIPVisionConfig,
@@ -26,8 +26,7 @@ from transformers import (  # noqa: E402
 )
 
 TOL = 1e-5
-VISION = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-              patch_size=8, projection_dim=32)
+VISION = HF_TINY_VISION
 WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:", "what", "is", "this", "?"] + [
     f"w{i}" for i in range(40)
 ]
