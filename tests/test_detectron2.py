@@ -212,3 +212,19 @@ def test_region_scorer_with_the_embedded_model_ranks_the_right_label():
         hits += int((inst.clip_scores[: len(gt)].argmax(-1) == torch.tensor(gt_labels)).sum())
         total += len(gt)
     assert hits / total >= 0.9, f"region scorer top-1 {hits}/{total}"
+
+
+@needs_d2
+def test_alphaclip_checkpointer_reads_safetensors_of_any_layout(tmp_path):
+    from detectron2.modeling import build_model
+
+    from alphaclip_plugins.core.checkpoint import save_weights
+    from alphaclip_plugins.integrations.detectron2 import AlphaCLIPCheckpointer
+
+    core = create_model("tiny", seed=6)
+    random_alpha_conv_(core)
+    save_weights(core, tmp_path / "alpha.safetensors", fmt="timm")
+    model = build_model(_yacs("faster_rcnn_alphaclip_vit_b16_sfp.yaml"))
+    AlphaCLIPCheckpointer(model).load(str(tmp_path / "alpha.safetensors"))
+    for k, v in core.visual.state_dict().items():
+        assert torch.equal(model.backbone.net.visual.state_dict()[k], v), k

@@ -110,10 +110,9 @@ def _with_alpha(image: torch.Tensor) -> torch.Tensor:
 
 
 class AlphaCLIPCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` that also reads safetensors files, TorchScript archives (OpenAI CLIP) and
-    Hugging Face directories through the core reader (pickles only with ``weights_only=True``)."""
+    """``DetectionCheckpointer`` that reads every file through the core reader: safetensors, TorchScript
+    archives (OpenAI CLIP), Hugging Face directories, and pickles only with ``weights_only=True`` (so
+    detectron2's ``.pkl`` files, which need full unpickling, are refused rather than run)."""
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        if filename.endswith(".pkl"):
-            return super()._load_file(filename)
         return {"model": read_state_dict(filename), "__author__": "alphaclip-plugins"}
