@@ -190,8 +190,8 @@ def checkpoint_filter_fn(
     return out
 
 
-def _create(variant: str, arch: str, pretrained: bool = False, **kwargs: Any) -> AlphaVisionTransformer:
-    v = get_config(arch).vision
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> AlphaVisionTransformer:
+    v = get_config(_ARCHS[variant]).vision
     model_args = dict(
         patch_size=v.patch_size, embed_dim=v.width, depth=v.layers, num_heads=v.heads, mlp_ratio=v.mlp_dim / v.width,
         pre_norm=True, norm_layer=partial(LayerNorm, eps=v.ln_eps), act_layer=v.act,
@@ -277,22 +277,22 @@ default_cfgs = generate_default_cfgs({f"{m}.{t}": _cfg(m, t) for m, tags in _TAG
 @register_model
 def alphaclip_vit_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> AlphaVisionTransformer:
     """Alpha-CLIP ViT-B/16 image tower @ 224x224, RGBA input, QuickGELU."""
-    return _create("alphaclip_vit_base_patch16_224", _ARCHS["alphaclip_vit_base_patch16_224"], pretrained, **kwargs)
+    return _create("alphaclip_vit_base_patch16_224", pretrained, **kwargs)
 
 
 @register_model
 def alphaclip_vit_large_patch14_224(pretrained: bool = False, **kwargs: Any) -> AlphaVisionTransformer:
     """Alpha-CLIP ViT-L/14 image tower @ 224x224, RGBA input, QuickGELU."""
-    return _create("alphaclip_vit_large_patch14_224", _ARCHS["alphaclip_vit_large_patch14_224"], pretrained, **kwargs)
+    return _create("alphaclip_vit_large_patch14_224", pretrained, **kwargs)
 
 
 @register_model
 def alphaclip_vit_large_patch14_336(pretrained: bool = False, **kwargs: Any) -> AlphaVisionTransformer:
     """Alpha-CLIP ViT-L/14 image tower @ 336x336, RGBA input, QuickGELU."""
-    return _create("alphaclip_vit_large_patch14_336", _ARCHS["alphaclip_vit_large_patch14_336"], pretrained, **kwargs)
+    return _create("alphaclip_vit_large_patch14_336", pretrained, **kwargs)
 
 
 @register_model
 def alphaclip_vit_tiny_patch8_32(pretrained: bool = False, **kwargs: Any) -> AlphaVisionTransformer:
     """A tiny Alpha-CLIP tower for tests (core architecture ``tiny``: 32 px, patch 8, width 64, 2 blocks)."""
-    return _create("alphaclip_vit_tiny_patch8_32", _ARCHS["alphaclip_vit_tiny_patch8_32"], pretrained, **kwargs)
+    return _create("alphaclip_vit_tiny_patch8_32", pretrained, **kwargs)
