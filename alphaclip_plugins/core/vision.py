@@ -227,3 +227,29 @@ class VisionTransformer(nn.Module):
             blocks=r"^transformer\.resblocks\.(\d+)" if coarse else [(r"^transformer\.resblocks\.(\d+)", None),
                                                                      (r"^ln_post|^proj", (99999,))],
         )
+
+
+def feature_tower(
+    arch: str, frozen: bool = False, frozen_stages: int = -1, with_cp: bool = False, norm_out: bool = False,
+    **overrides: object,
+) -> VisionTransformer:
+    """A vision tower set up as a dense feature extractor (the detection backbones' common part).
+
+    Args:
+        arch: architecture name (``"ViT-B/16"``...); ``overrides`` are vision config fields.
+        frozen: freeze the whole tower.
+        frozen_stages: -1 none; 0 the stem; k the stem and the first k blocks.
+        with_cp: gradient checkpointing of the blocks.
+        norm_out: the outputs go through ``ln_post`` (so it keeps its gradients); the projection never
+            does, so it is frozen: every trainable weight then gets a gradient.
+    """
+    from .config import get_config
+
+    tower = VisionTransformer(get_config(arch).replace(**{f"vision_{k}": v for k, v in overrides.items()}).vision)
+    tower.set_grad_checkpointing(with_cp)
+    tower.freeze_head(norm=not norm_out)
+    if frozen:
+        tower.freeze()
+    elif frozen_stages >= 0:
+        tower.freeze(frozen_stages)
+    return tower

@@ -11,8 +11,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone, SimpleFeaturePyrami
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
 from ...core.alpha import ALPHA_MEAN, ALPHA_STD, CLIP_MEAN, CLIP_STD
-from ...core.config import get_config
-from ...core.vision import VisionTransformer
+from ...core.vision import feature_tower
 
 #: MODEL.PIXEL_MEAN / PIXEL_STD for INPUT.FORMAT "RGB" plus alpha, on the 0-255 scale.
 PIXEL_MEAN = [255 * m for m in CLIP_MEAN] + [255 * ALPHA_MEAN]
@@ -39,16 +38,10 @@ class AlphaCLIPViTBackbone(Backbone):
     def __init__(self, arch: str = "ViT-B/16", out_feature: str = "last_feat", block: int = -1, frozen: bool = False,
                  frozen_stages: int = -1, with_cp: bool = False, **overrides: Any):
         super().__init__()
-        cfg = get_config(arch).replace(**{f"vision_{k}": v for k, v in overrides.items()}).vision
-        self.visual = VisionTransformer(cfg)
+        self.visual = feature_tower(arch, frozen, frozen_stages, with_cp, **overrides)
+        cfg = self.visual.cfg
         self.block = block % cfg.layers
         self.frozen = frozen
-        self.visual.set_grad_checkpointing(with_cp)
-        self.visual.freeze_head()  # the pooling head is unused by feature maps
-        if frozen:
-            self.visual.freeze()
-        elif frozen_stages >= 0:
-            self.visual.freeze(frozen_stages)
         self._out_features = [out_feature]
         self._out_feature_channels = {out_feature: cfg.width}
         self._out_feature_strides = {out_feature: cfg.patch_size}

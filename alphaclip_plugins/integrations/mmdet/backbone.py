@@ -8,8 +8,7 @@ from mmdet.registry import MODELS
 from mmengine.model import BaseModule
 
 from ...core.checkpoint import load_checkpoint
-from ...core.config import get_config
-from ...core.vision import VisionTransformer
+from ...core.vision import feature_tower
 
 
 @MODELS.register_module()
@@ -37,19 +36,9 @@ class AlphaCLIPViT(BaseModule):
         init_cfg: Optional[dict] = None, **overrides: Any,
     ):
         super().__init__(init_cfg=init_cfg)
-        cfg = get_config(arch).replace(**{f"vision_{k}": v for k, v in overrides.items()}).vision
-        self.visual = VisionTransformer(cfg)
-        self.out_indices = [i % cfg.layers for i in out_indices]
-        self.norm_out, self.frozen, self.frozen_stages = norm_out, frozen, frozen_stages
-        self.visual.set_grad_checkpointing(with_cp)
-        self.visual.freeze_head(norm=not norm_out)  # the pooling head is unused by feature maps
-        self._freeze()
-
-    def _freeze(self) -> None:
-        if self.frozen:
-            self.visual.freeze()
-        elif self.frozen_stages >= 0:
-            self.visual.freeze(self.frozen_stages)
+        self.visual = feature_tower(arch, frozen, frozen_stages, with_cp, norm_out, **overrides)
+        self.out_indices = [i % self.visual.cfg.layers for i in out_indices]
+        self.norm_out, self.frozen = norm_out, frozen
 
     def init_weights(self) -> None:
         """Load a ``Pretrained`` init_cfg through the core loader; it can run any number of times."""
