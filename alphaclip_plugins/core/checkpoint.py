@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -119,17 +119,7 @@ def load_state_dict(
     Raises:
         CheckpointError: wrong architecture, or (strict) missing / unexpected keys, named.
     """
-    sd = strip_prefix(sd, "module.")
-    fmt = detect_format(sd)
-    canon = to_alphaclip(sd, fmt)
-    cfg = getattr(model, "cfg", None)
-    if isinstance(cfg, CLIPConfig):
-        check_architecture(cfg, canon, source)
-    elif prefix == "visual." and hasattr(model, "cfg"):
-        text_free = {k: v for k, v in canon.items() if k.startswith("visual.")}
-        check_architecture(CLIPConfig(vision=model.cfg), text_free, source)
-    own = {prefix + k: v for k, v in model.state_dict().items()}
-    canon = {k: v for k, v in _resize_positions(own, canon).items() if k.startswith(prefix)}
+    fmt, canon, own = _fit(model, sd, source, prefix)
     missing = [k for k in own if k not in canon]
     unexpected = [k for k in canon if k not in own]
     new_alpha = any(k in missing for k in ALPHA_KEYS) and any(k.startswith("visual.") for k in canon)
@@ -154,13 +144,30 @@ def tower_state_dict(
     The architecture is checked and the positional embedding resampled to the tower's size. Framework
     adapters use this to accept every layout through their own loading paths.
     """
-    canon = to_alphaclip(strip_prefix(sd, "module."))
-    vis = {k: v for k, v in canon.items() if k.startswith("visual.")}
+    _, vis, _ = _fit(tower, sd, source, "visual.")
     if not vis:
-        raise CheckpointError(f"{source} holds no vision tower (its keys are {_short(sorted(canon))})")
-    check_architecture(CLIPConfig(vision=tower.cfg), vis, source)
-    own = {"visual." + k: v for k, v in tower.state_dict().items()}
-    return {k[len("visual."):]: v for k, v in _resize_positions(own, vis).items()}
+        raise CheckpointError(f"{source} holds no vision tower (its keys are {_short(sorted(sd))})")
+    return {k[len("visual."):]: v for k, v in vis.items()}
+
+
+def _fit(
+    model: nn.Module, sd: Mapping[str, torch.Tensor], source: str, prefix: str
+) -> Tuple[str, StateDict, StateDict]:
+    """Any layout -> ``(format, canonical keys under prefix, the model's own keys with prefix)``.
+
+    The architecture is checked against the model's config (a full ``CLIPConfig``, or a tower's
+    ``VisionConfig``) and the positional embedding resampled to the model's size.
+    """
+    sd = strip_prefix(sd, "module.")
+    fmt = detect_format(sd)
+    canon = to_alphaclip(sd, fmt)
+    cfg = getattr(model, "cfg", None)
+    if isinstance(cfg, CLIPConfig):
+        check_architecture(cfg, canon, source)
+    elif prefix == "visual." and cfg is not None:
+        check_architecture(CLIPConfig(vision=cfg), {k: v for k, v in canon.items() if k.startswith(prefix)}, source)
+    own = {prefix + k: v for k, v in model.state_dict().items()}
+    return fmt, {k: v for k, v in _resize_positions(own, canon).items() if k.startswith(prefix)}, own
 
 
 def _short(keys: List[str], n: int = 8) -> str:
