@@ -6,7 +6,8 @@ Integrations live in ``alphaclip_plugins.integrations.<framework>`` and are impo
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import sys
+from typing import Any, Callable, Dict
 
 __version__ = "0.1.0"
 
@@ -28,12 +29,21 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'alphaclip_plugins' has no attribute {name!r}")
+def lazy_getattr(package: str, exports: Dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that imports ``exports[name]`` (a submodule of ``package``) on first use."""
+    namespace = sys.modules[package].__dict__
+
+    def __getattr__(name: str) -> Any:
+        if name in exports:
+            value = getattr(importlib.import_module(f".{exports[name]}", package), name)
+            namespace[name] = value  # later lookups skip this function
+            return value
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__():

@@ -5,8 +5,7 @@ CONFIG.yaml`` runs it on several processes. Names resolve on first use, so impor
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .. import lazy_getattr
 
 _EXPORTS = {
     "train": "trainer", "TrainConfig": "config", "load_config": "config",
@@ -15,11 +14,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
