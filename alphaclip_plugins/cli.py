@@ -62,54 +62,47 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    import torch
-
-    from .core.checkpoint import describe, load_state_dict, match_architecture
-    from .core.convert import from_alphaclip, to_alphaclip
+    from .core.checkpoint import load_checkpoint, save_weights
     from .core.factory import create_model, save_pretrained
-    from .core.io import read_state_dict, save_safetensors, save_torch
+    from .core.weights import match_architecture, read_weights
 
     if args.clip:  # an Alpha-CLIP vision tower plus the text tower of its CLIP
         sd = create_model(args.model, pretrained=args.clip, alpha_checkpoint=args.src).state_dict()
     else:
-        sd = to_alphaclip(read_state_dict(args.src))
-    if "visual.conv1.weight" in sd and "visual.conv1_alpha.weight" not in sd:  # plain CLIP: zero alpha conv
-        conv = sd["visual.conv1.weight"]
-        sd["visual.conv1_alpha.weight"] = torch.zeros(conv.shape[0], 1, *conv.shape[2:], dtype=conv.dtype)
+        sd = read_weights(args.src).state_dict
     dst = Path(args.dst)
     if args.to == "alphaclip":
+        from .core.weights import describe
+
         name = args.model or match_architecture(describe(sd))
         if name is None or "token_embedding.weight" not in sd:
             sys.exit("error: the alphaclip format holds both towers; pass --clip CLIP_CHECKPOINT for the text "
                      "tower (and --model ARCH if it is not a known architecture)")
         model = create_model(name)
-        load_state_dict(model, sd)
+        load_checkpoint(model, sd)
         save_pretrained(model, dst)
     elif args.to == "hf":
         from .integrations.hf import export_hf
 
         export_hf(sd, dst)
     else:
-        out = from_alphaclip(sd, args.to)
-        (save_torch if args.to == "official" or dst.suffix in (".pt", ".pth", ".bin") else save_safetensors)(out, dst)
+        save_weights(sd, dst, args.to)
     print(f"wrote {dst} ({args.to} layout)")
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from .core.checkpoint import describe, match_architecture
-    from .core.convert import detect_format, strip_prefix, to_alphaclip
-    from .core.io import read_state_dict
+    from .core.weights import match_architecture, read_weights
 
-    raw = strip_prefix(read_state_dict(args.checkpoint), "module.")
-    sd = to_alphaclip(raw)
-    facts = describe(sd)
+    weights = read_weights(args.checkpoint)
+    sd, facts = weights.state_dict, weights.facts()
     alpha = sd.get("visual.conv1_alpha.weight")
     info = {
-        "path": str(args.checkpoint), "layout": detect_format(raw),
+        "path": str(args.checkpoint), "layout": weights.format,
         "architecture": match_architecture(facts) or "unknown",
         "towers": [t for t, k in (("vision", "visual.conv1.weight"), ("text", "token_embedding.weight")) if k in sd],
-        "alpha": "absent (plain CLIP)" if alpha is None else ("zero (CLIP behaviour)" if not alpha.any() else "trained"),
-        "parameters": sum(v.numel() for v in sd.values()),
+        "alpha": "absent (plain CLIP)" if weights.new_alpha or alpha is None
+        else ("zero (CLIP behaviour)" if not alpha.any() else "trained"),
+        "parameters": sum(v.numel() for k, v in sd.items() if not (weights.new_alpha and k.endswith("conv1_alpha.weight"))),
         "dtypes": sorted({str(v.dtype).replace("torch.", "") for v in sd.values()}),
         **facts,
     }

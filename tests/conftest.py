@@ -11,9 +11,10 @@ from alphaclip_plugins.core.factory import create_model
 def random_alpha_conv_(model: torch.nn.Module, seed: int = 1) -> None:
     """Give a model a non-zero ``conv1_alpha`` so that alpha changes its output (a fresh one is zero)."""
     visual = getattr(model, "visual", model)
+    conv = getattr(visual, "conv1_alpha", None) or visual.conv1.alpha  # core tower, or alphafied open_clip
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        w = visual.conv1_alpha.weight
+        w = conv.weight
         w.copy_(torch.randn(w.shape, generator=g) * 0.05)
 
 

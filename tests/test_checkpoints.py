@@ -77,8 +77,10 @@ def test_openai_torchscript_archive_then_official_alpha_pth(tmp_path, clip_sourc
     torch.save(_official_layout(alpha), tmp_path / "clip_tiny_grit1m_fultune_8xe.pth")
     model = create_model("tiny", pretrained=tmp_path / "ViT-tiny.pt",
                          alpha_checkpoint=tmp_path / "clip_tiny_grit1m_fultune_8xe.pth")
-    assert [r.format for r in model.load_results] == ["alphaclip", "official"]
-    assert model.load_results[0].new_alpha
+    reports = [load_checkpoint(create_model("tiny"), tmp_path / "ViT-tiny.pt"),
+               load_checkpoint(create_model("tiny").visual, tmp_path / "clip_tiny_grit1m_fultune_8xe.pth")]
+    assert [r.format for r in reports] == ["alphaclip", "official"]
+    assert reports[0].new_alpha and not reports[1].new_alpha
     _assert_same_weights(model.visual, alpha.visual)
     _assert_same_weights(model.transformer, clip.transformer)
     image, a = torch.randn(2, 3, 32, 32), random_alpha(2, 32)
@@ -113,10 +115,11 @@ def test_hugging_face_directories(tmp_path, clip_source):
     tower.load_state_dict({k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection."))})
     tower.save_pretrained(tmp_path / "tower")
     model = create_model("tiny", pretrained=tmp_path / "clip")
-    assert model.load_results[0].format == "hf" and model.load_results[0].new_alpha
+    report = load_checkpoint(create_model("tiny"), tmp_path / "clip")
+    assert report.format == "hf" and report.new_alpha
     _assert_same_weights(model.transformer, alpha.transformer)
     ref = create_model("tiny")
-    load_checkpoint(ref.visual, tmp_path / "tower", prefix="visual.")
+    load_checkpoint(ref.visual, tmp_path / "tower")
     for k, v in ref.visual.state_dict().items():
         if "conv1_alpha" not in k:
             assert torch.equal(v, alpha.visual.state_dict()[k]), k
@@ -206,15 +209,9 @@ def test_strict_load_names_keys_and_partial_load_reports_them(clip_source):
     sd["extra.weight"] = torch.zeros(1)
     model = create_model("tiny")
     with pytest.raises(CheckpointError, match=r"missing ln_final.weight; unexpected extra.weight"):
-        load_checkpoint_sd(model, sd, strict=True)
-    result = load_checkpoint_sd(model, sd, strict=False)
-    assert result.missing == ["ln_final.weight"] and result.unexpected == ["extra.weight"]
-
-
-def load_checkpoint_sd(model, sd, strict):
-    from alphaclip_plugins.core.checkpoint import load_state_dict
-
-    return load_state_dict(model, sd, strict=strict)
+        load_checkpoint(model, sd, strict=True)
+    result = load_checkpoint(model, sd, strict=False)
+    assert result.missing == ("ln_final.weight",) and result.unexpected == ("extra.weight",)
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, clip_source, monkeypatch):

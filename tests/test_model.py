@@ -6,7 +6,7 @@ import torch
 
 from alphaclip_plugins import create_model, tokenize
 from alphaclip_plugins.core.alpha import ALPHA_FOREGROUND, encode_alpha
-from alphaclip_plugins.core.checkpoint import load_state_dict
+from alphaclip_plugins.core.checkpoint import load_checkpoint
 from conftest import random_alpha, random_alpha_conv_
 
 TOL = 1e-5
@@ -22,7 +22,7 @@ def test_parity_open_clip_vit_b16_full_size():
     torch.manual_seed(0)
     ref = open_clip.create_model("ViT-B-16-quickgelu").eval()
     model = create_model("ViT-B/16")
-    result = load_state_dict(model, ref.state_dict())
+    result = load_checkpoint(model, ref.state_dict())
     assert result.new_alpha and not result.missing and not result.unexpected
     image = torch.randn(2, 3, 224, 224)
     text = tokenize(["a photo of a cat", "a red circle on the left"])
@@ -40,7 +40,7 @@ def test_parity_open_clip_gelu_tiny():
     ref = CLIP(32, dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32, mlp_ratio=4.0),
                dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2)).eval()
     model = create_model("tiny-gelu")
-    load_state_dict(model, ref.state_dict())
+    load_checkpoint(model, ref.state_dict())
     image, text = torch.randn(3, 3, 32, 32), tokenize(["a", "b c", "d e f"])
     with torch.no_grad():
         assert _max_diff(model.encode_image(image), ref.encode_image(image)) < TOL
@@ -61,7 +61,7 @@ def test_parity_transformers_clip_model():
     )
     ref = CLIPModel(cfg).eval()
     model = create_model("tiny")
-    load_state_dict(model, ref.state_dict())
+    load_checkpoint(model, ref.state_dict())
     image, text = torch.randn(2, 3, 32, 32), tokenize(["a cat", "two dogs"])
     with torch.no_grad():
         ref_img = ref.get_image_features(pixel_values=image)
@@ -81,7 +81,7 @@ def test_parity_timm_clip_vit():
     with torch.no_grad():
         ref.head.bias.zero_()
     model = create_model("tiny")
-    load_state_dict(model.visual, ref.state_dict(), prefix="visual.")
+    load_checkpoint(model.visual, ref.state_dict())
     image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert _max_diff(model.encode_image(image), ref(image)) < TOL

@@ -20,7 +20,7 @@ from alphaclip_plugins.core.factory import create_model  # noqa: E402
 from alphaclip_plugins.core.io import CheckpointError  # noqa: E402
 from alphaclip_plugins.core.model import AlphaCLIP  # noqa: E402
 from alphaclip_plugins.integrations.open_clip import (  # noqa: E402
-    alphafy, core_config, from_core, load_alpha_checkpoint, open_clip_config, to_core,
+    alphafy, core_config, from_core, load_alpha_checkpoint, merge_alpha, open_clip_config, to_core,
 )
 from conftest import random_alpha, random_alpha_conv_  # noqa: E402
 
@@ -62,10 +62,10 @@ def test_alphafied_model_matches_core(quick_gelu, arch):
     core = _core_copy(model, arch)
     image, alpha, text = _batch()
     with torch.no_grad():
-        assert _max_diff(model.encode_image(image, alpha), core.encode_image(image, alpha)) < TOL
+        assert _max_diff(model.encode_image(merge_alpha(image, alpha)), core.encode_image(image, alpha)) < TOL
         assert _max_diff(model.encode_image(image), core.encode_image(image)) < TOL
         assert _max_diff(model.encode_text(text), core.encode_text(text)) < TOL
-        img, txt, scale = model(image, text, alpha=alpha)
+        img, txt, scale = model(merge_alpha(image, alpha), text)
         ref = core(image, text, alpha)
     assert _max_diff(img, ref[0]) < TOL and _max_diff(txt, ref[1]) < TOL and _max_diff(scale, ref[2]) < TOL
 
@@ -77,10 +77,11 @@ def test_alphafy_keeps_clip_until_alpha_is_trained():
         before = model.encode_image(image)
         alphafy(model)
         assert torch.equal(model.encode_image(image), before)
-        assert torch.equal(model.encode_image(image, alpha), before)  # zero alpha conv: alpha has no effect
+        assert torch.equal(model.encode_image(merge_alpha(image, alpha)), before)  # zero alpha conv: alpha has no effect
         random_alpha_conv_(model)
-        assert _max_diff(model.encode_image(image, alpha), before) > 1e-3
-    assert "visual.conv1_alpha.weight" in model.state_dict() and isinstance(model, CLIP)
+        assert _max_diff(model.encode_image(merge_alpha(image, alpha)), before) > 1e-3
+    assert "visual.conv1.alpha.weight" in model.state_dict() and type(model) is CLIP  # no class swap
+    assert "forward" not in vars(model.visual.conv1)  # no patched instance method
     assert alphafy(model) is model  # twice is harmless
 
 
@@ -89,14 +90,12 @@ def test_alpha_as_fourth_channel_and_shared_image():
     random_alpha_conv_(model)
     image, alpha, _ = _batch()
     with torch.no_grad():
-        ref = model.encode_image(image, alpha)
+        ref = model.encode_image(merge_alpha(image, alpha))
         assert torch.equal(model.encode_image(torch.cat([image, alpha], dim=1)), ref)
-        one_image = model.encode_image(image[:1], alpha)  # one image, many regions
+        one_image = model.encode_image(merge_alpha(image[:1], alpha))  # one image, many regions
         assert _max_diff(one_image[0], ref[0]) < TOL and one_image.shape == ref.shape
-    with pytest.raises(TypeError, match="normalize by keyword"):
-        model.encode_image(image, True)
     with pytest.raises(ValueError, match="encode_alpha"):
-        model.encode_image(image, (alpha > 0).float())  # a raw [0, 1] mask, not encoded alpha
+        merge_alpha(image, (alpha > 0).float())  # a raw [0, 1] mask, not encoded alpha
 
 
 def test_threads_do_not_share_alpha():
@@ -105,13 +104,13 @@ def test_threads_do_not_share_alpha():
     image, _, _ = _batch()
     alphas = [random_alpha(2, 32, seed=s) for s in range(4)]
     with torch.no_grad():
-        expected = [model.encode_image(image, a) for a in alphas]
+        expected = [model.encode_image(merge_alpha(image, a)) for a in alphas]
     results = [None] * len(alphas)
 
     def run(i: int) -> None:
         with torch.no_grad():
             for _ in range(3):
-                results[i] = model.encode_image(image, alphas[i])
+                results[i] = model.encode_image(merge_alpha(image, alphas[i]))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(alphas))]
     for t in threads:
@@ -145,10 +144,10 @@ def test_custom_text_clip_converts():
     core = to_core(model).eval()
     image, alpha, text = _batch()
     with torch.no_grad():
-        assert _max_diff(model.encode_image(image, alpha), core.encode_image(image, alpha)) < TOL
+        assert _max_diff(model.encode_image(merge_alpha(image, alpha)), core.encode_image(image, alpha)) < TOL
         assert _max_diff(model.encode_text(text), core.encode_text(text)) < TOL
-        logits, _ = model.get_logits(image, text, alpha=alpha)
-        out = model.forward_intermediates(image, alpha=alpha, image_indices=1, intermediates_only=True)
+        logits, _ = model.get_logits(merge_alpha(image, alpha), text)
+        out = model.forward_intermediates(merge_alpha(image, alpha), image_indices=1, intermediates_only=True)
         ref = core.visual.forward_intermediates(image, alpha, indices=1, intermediates_only=True)
     assert logits.shape == (2, 2) and _max_diff(out["image_intermediates"][0], ref[0]) < TOL
 
@@ -170,7 +169,7 @@ def test_standard_configs_convert_both_ways(name):
         theirs = alphafy(CLIP(**cfg))
         ours = CLIP(**open_clip_config(ref))
     assert core_config(theirs).vision == ref.vision and core_config(theirs).text == ref.text
-    shapes = {k: v.shape for k, v in theirs.state_dict().items() if "conv1_alpha" not in k}
+    shapes = {k: v.shape for k, v in theirs.state_dict().items() if "conv1.alpha" not in k}
     assert shapes == {k: v.shape for k, v in ours.state_dict().items()}
     assert type(ours.visual.transformer.resblocks[0].mlp.gelu) is type(theirs.visual.transformer.resblocks[0].mlp.gelu)
 
@@ -189,7 +188,7 @@ def test_official_checkpoint_loads(tiny_model, tmp_path):
     assert result.format == "official"
     image, alpha, _ = _batch()
     with torch.no_grad():
-        assert _max_diff(model.encode_image(image, alpha), tiny_model.encode_image(image, alpha)) < TOL
+        assert _max_diff(model.encode_image(merge_alpha(image, alpha)), tiny_model.encode_image(merge_alpha(image, alpha))) < TOL
     assert all(torch.equal(v, text_before[k]) for k, v in model.transformer.state_dict().items())
 
 
@@ -207,10 +206,9 @@ def test_copies_and_pickles_keep_alpha():
     random_alpha_conv_(model)
     image, alpha, _ = _batch()
     with torch.no_grad():
-        ref = model.encode_image(image, alpha)
+        ref = model.encode_image(merge_alpha(image, alpha))
         for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-            assert other.visual.conv1.forward.args[0] is other.visual  # bound to its own tower
-            assert torch.equal(other.encode_image(image, alpha), ref)
+            assert torch.equal(other.encode_image(merge_alpha(image, alpha)), ref)
 
 
 def test_unsupported_models_are_refused():
@@ -230,4 +228,4 @@ def test_full_size_b16_quickgelu_matches_core():
     core = _core_copy(model, "ViT-B-16-quickgelu")
     image, alpha, _ = _batch(size=224, batch=1)
     with torch.no_grad():
-        assert _max_diff(model.encode_image(image, alpha), core.encode_image(image, alpha)) < TOL
+        assert _max_diff(model.encode_image(merge_alpha(image, alpha)), core.encode_image(image, alpha)) < TOL

@@ -7,11 +7,11 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import LoadResult, describe, load_checkpoint, match_architecture
+from .checkpoint import load_checkpoint
 from .config import CLIPConfig, get_config
-from .convert import to_alphaclip
-from .io import CheckpointError, PathLike, read_state_dict, save_safetensors, write_json
+from .io import CheckpointError, PathLike, save_safetensors, write_json
 from .model import AlphaCLIP
+from .weights import match_architecture, read_weights
 
 Precision = Literal["fp32", "fp16", "bf16"]
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,31 +46,28 @@ def create_model(
         precision: parameter dtype. Inputs are cast to it, so callers never cast.
         seed: seed of the random initialisation (weights a file does not set stay reproducible).
         **overrides: config fields, e.g. ``vision_image_size=448`` (``CLIPConfig.replace``).
+
+    Loads go through the one resolver (``core.weights.resolve``); to see what a load did (the layout,
+    whether the alpha conv was new), call :func:`load_checkpoint` yourself: it returns a ``LoadReport``.
     """
     if pretrained is not None and Path(pretrained, CONFIG_NAME).exists() and name is None:
         return from_pretrained(pretrained, precision=precision, device=device)
+    weights = read_weights(pretrained) if pretrained is not None else None  # read once, also to infer the name
     if name is None:
-        if pretrained is None:
+        if weights is None:
             raise ValueError("pass an architecture name or a pretrained checkpoint to infer it from")
-        name = _infer_name(pretrained)
+        name = match_architecture(weights.facts())
+        if name is None:
+            raise CheckpointError(f"{pretrained} holds no known architecture ({weights.facts()}); pass the architecture name")
     cfg = get_config(name).replace(**overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AlphaCLIP(cfg)
-    model.load_results = []  # type: ignore[assignment]
-    if pretrained is not None:
-        model.load_results.append(load_checkpoint(model, pretrained, strict=strict))
+    if weights is not None:
+        load_checkpoint(model, weights, strict=strict)
     if alpha_checkpoint is not None:
-        model.load_results.append(load_checkpoint(model.visual, alpha_checkpoint, strict=strict, prefix="visual."))
+        load_checkpoint(model.visual, alpha_checkpoint, strict=strict)
     return model.to(device=device, dtype=_DTYPES[precision]).eval()
-
-
-def _infer_name(path: PathLike) -> str:
-    facts = describe(to_alphaclip(read_state_dict(path)))
-    name = match_architecture(facts)
-    if name is None:
-        raise CheckpointError(f"{path} holds no known architecture ({facts}); pass the architecture name")
-    return name
 
 
 def save_pretrained(model: AlphaCLIP, directory: PathLike) -> None:
@@ -90,7 +87,7 @@ def from_pretrained(
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; was it written by save_pretrained?")
     cfg = CLIPConfig.from_dict(json.loads(cfg_file.read_text())["config"])
     model = AlphaCLIP(cfg)
-    model.load_results = [load_checkpoint(model, directory / WEIGHTS_NAME)]  # type: ignore[assignment]
+    load_checkpoint(model, directory / WEIGHTS_NAME)
     return model.to(device=device, dtype=_DTYPES[precision]).eval()
 
 

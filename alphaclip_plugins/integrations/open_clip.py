@@ -3,14 +3,13 @@
     model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16-quickgelu", pretrained="openai")
     alphafy(model)  # adds a zero alpha conv: still exactly CLIP
     load_alpha_checkpoint(model, "clip_b16_grit1m_fultune_8xe.pth")
-    features = model.encode_image(image, alpha)  # alpha [B, 1, H, W] encoded; None = whole image
+    features = model.encode_image(merge_alpha(image, alpha))  # RGBA [B, 4, H, W]; 3 channels = whole image
 
-Tokenizer, transforms and losses stay open_clip's. Alpha travels with the image (as an argument or a
-4th channel), never through module state, so batches and threads are safe.
+The model keeps open_clip's class and API; tokenizer, transforms and losses stay open_clip's. Alpha
+travels with the image as its 4th channel, never through module state, so batches and threads are safe.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Any, Dict, Optional, Union
 
@@ -24,101 +23,75 @@ from open_clip.transformer import QuickGELU  # noqa: E402
 from open_clip.transformer import VisionTransformer as OpenCLIPVisionTransformer  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ..core.checkpoint import LoadResult, check_architecture, load_state_dict  # noqa: E402
+from ..core.alpha import check_alpha  # noqa: E402
 from ..core.config import Activation, CLIPConfig, TextConfig, VisionConfig  # noqa: E402
-from ..core.convert import detect_format, strip_prefix, to_alphaclip  # noqa: E402
-from ..core.io import PathLike, read_state_dict  # noqa: E402
+from ..core.convert import from_alphaclip  # noqa: E402
+from ..core.io import CheckpointError, PathLike  # noqa: E402
 from ..core.model import AlphaCLIP  # noqa: E402
 from ..core.vision import embed_alpha, split_rgba  # noqa: E402
+from ..core.weights import LoadReport, resolve  # noqa: E402
 
 __all__ = [
-    "alphafy", "merge_alpha", "core_config", "open_clip_config", "to_core", "from_core", "load_alpha_checkpoint",
+    "alphafy", "merge_alpha", "AlphaConv1", "core_config", "open_clip_config", "to_core", "from_core", "load_alpha_checkpoint",
 ]
 
 OpenCLIPModel = Union[CLIP, CustomTextCLIP]
 
 
 def merge_alpha(image: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``image [B, 3, H, W]`` and encoded ``alpha [B, 1, H, W]`` -> RGBA ``[B, 4, H, W]``.
+    """``image [B, 3, H, W]`` and encoded ``alpha [B, 1, H, W]`` -> RGBA ``[B, 4, H, W]``, the input of an
+    alphafied model's ``encode_image`` / ``forward`` / ``forward_intermediates``.
 
     With ``alpha=None`` the image passes unchanged (3 channels: whole image; 4: alpha already inside).
     An image batch of 1 is shared by a batch of alphas (one image, many regions).
+
+    Raises:
+        ValueError: alpha that was not encoded (a raw 0/1 or 0-255 mask), or shapes that do not match.
     """
-    if isinstance(alpha, bool):
-        raise TypeError(
-            "alpha must be a tensor or None; pass normalize by keyword: encode_image(image, normalize=True)"
-        )
     if alpha is None:
         return image
     rgb, alpha = split_rgba(image, alpha)
+    check_alpha(alpha)
     if rgb.shape[0] != alpha.shape[0]:
         rgb = rgb.expand(alpha.shape[0], -1, -1, -1)
     return torch.cat([rgb, alpha.to(rgb.dtype)], dim=1)
 
 
-def _rgba_conv1(visual: OpenCLIPVisionTransformer, x: torch.Tensor) -> torch.Tensor:
-    """``visual.conv1``'s forward once alphafied: ``conv1(rgb) + conv1_alpha(alpha)`` -> ``[B, width, h, w]``."""
-    rgb, alpha = split_rgba(x, None)
-    conv1, conv1_alpha = visual.conv1, visual.conv1_alpha
-    out = type(conv1).forward(conv1, rgb)  # the class's forward: this function replaced the instance's
-    return out + embed_alpha(conv1_alpha, alpha).to(out.dtype)
+class AlphaConv1(nn.Conv2d):
+    """open_clip's patch embedding ``visual.conv1`` for RGBA input: ``conv1(rgb) + alpha(alpha channel)``.
 
+    It keeps ``conv1``'s own weight (``visual.conv1.weight``) and adds the zero-initialised alpha conv
+    as ``visual.conv1.alpha``; a 3-channel input is the whole image.
+    """
 
-class _AlphaMixin:
-    """The image entry points with an ``alpha`` argument; everything else is open_clip's."""
+    def __init__(self, conv1: nn.Conv2d):
+        w = conv1.weight
+        super().__init__(3, conv1.out_channels, conv1.kernel_size, conv1.stride, bias=False, device="meta")
+        self.weight = conv1.weight  # the same parameter: optimizers and state dicts keep seeing it
+        self.alpha = nn.Conv2d(1, w.shape[0], conv1.kernel_size, conv1.stride, bias=False, device=w.device,
+                               dtype=w.dtype)
+        nn.init.zeros_(self.alpha.weight)
 
-    def encode_image(self, image: torch.Tensor, alpha: Optional[torch.Tensor] = None, normalize: bool = False):
-        """Image features ``[B, embed_dim]``.
-
-        Args:
-            image: ``[B, 3, H, W]``, or ``[B, 4, H, W]`` with encoded alpha as the 4th channel.
-            alpha: encoded alpha ``[B, 1, H, W]``; None = whole image. An image batch of 1 may take many alphas.
-            normalize: L2-normalise the features.
-        """
-        return super().encode_image(merge_alpha(image, alpha), normalize=normalize)
-
-    def forward(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None,
-                alpha: Optional[torch.Tensor] = None):
-        """As open_clip's ``forward``, with the image's ``alpha``."""
-        if image is None and alpha is not None:
-            raise ValueError("alpha was given without an image")
-        return super().forward(merge_alpha(image, alpha) if image is not None else None, text)
-
-    def get_logits(self, image: torch.Tensor, text: torch.Tensor, alpha: Optional[torch.Tensor] = None):
-        """As open_clip's ``get_logits``, with the image's ``alpha``."""
-        return super().get_logits(merge_alpha(image, alpha), text)
-
-    def forward_intermediates(self, image: Optional[torch.Tensor] = None, text: Optional[torch.Tensor] = None, *,
-                              alpha: Optional[torch.Tensor] = None, **kwargs: Any):
-        """As open_clip's ``forward_intermediates``, with the image's ``alpha``."""
-        if image is None and alpha is not None:
-            raise ValueError("alpha was given without an image")
-        return super().forward_intermediates(merge_alpha(image, alpha) if image is not None else None, text, **kwargs)
-
-
-class AlphaOpenCLIP(_AlphaMixin, CLIP):
-    """An open_clip ``CLIP`` after :func:`alphafy`."""
-
-
-class AlphaCustomTextCLIP(_AlphaMixin, CustomTextCLIP):
-    """An open_clip ``CustomTextCLIP`` after :func:`alphafy`."""
-
-
-_ALPHA_CLASSES = {CLIP: AlphaOpenCLIP, CustomTextCLIP: AlphaCustomTextCLIP}
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """RGBA ``[B, 4, H, W]`` (or RGB, the whole image) -> patch grid ``[B, width, H/p, W/p]``."""
+        rgb, alpha = split_rgba(x, None)
+        out = super().forward(rgb)
+        return out + embed_alpha(self.alpha, alpha).to(out.dtype)
 
 
 def alphafy(model: OpenCLIPModel) -> OpenCLIPModel:
-    """Turn an open_clip CLIP into Alpha-CLIP in place, and return it.
+    """Make an open_clip CLIP region-aware in place, and return it.
 
-    Adds ``visual.conv1_alpha`` (zero-initialised, so outputs are unchanged until it is trained or
-    loaded) whose output is added to ``visual.conv1``'s, and an ``alpha`` argument to ``encode_image``,
-    ``forward``, ``get_logits`` and ``forward_intermediates``. Calling it twice is harmless.
+    ``visual.conv1`` becomes an :class:`AlphaConv1`: the model then takes RGBA input ``[B, 4, H, W]``
+    (RGB + encoded alpha; :func:`merge_alpha` builds it) in open_clip's own ``encode_image``, ``forward``,
+    ``get_logits`` and ``forward_intermediates``, and 3-channel input as the whole image. The alpha conv
+    starts at zero, so outputs are unchanged until it is trained or loaded. The model keeps its class and
+    methods; alpha travels with the image, so batches and threads are safe. Calling it twice is harmless.
 
     Raises:
         TypeError: the model is not an open_clip ``CLIP``/``CustomTextCLIP`` with open_clip's ViT.
     """
-    cls = _ALPHA_CLASSES.get(type(model), type(model))
-    if cls not in _ALPHA_CLASSES.values():
+    if not isinstance(model, (CLIP, CustomTextCLIP)):
         raise TypeError(
             f"alphafy takes an open_clip CLIP or CustomTextCLIP, got {type(model).__name__}; "
             f"create the model with open_clip.create_model('ViT-...')"
@@ -129,14 +102,8 @@ def alphafy(model: OpenCLIPModel) -> OpenCLIPModel:
             f"the image tower is {type(visual).__name__}, but Alpha-CLIP needs open_clip's VisionTransformer "
             f"(a ViT config such as 'ViT-B-16'); ResNet and timm towers are not supported"
         )
-    if not isinstance(getattr(visual, "conv1_alpha", None), nn.Conv2d):
-        w = visual.conv1.weight
-        visual.conv1_alpha = nn.Conv2d(1, w.shape[0], visual.conv1.kernel_size, visual.conv1.stride, bias=False,
-                                       device=w.device, dtype=w.dtype)
-        nn.init.zeros_(visual.conv1_alpha.weight)
-    # A partial (not a closure) so the model still deep-copies and pickles.
-    visual.conv1.forward = functools.partial(_rgba_conv1, visual)
-    model.__class__ = cls
+    if not isinstance(visual.conv1, AlphaConv1):
+        visual.conv1 = AlphaConv1(visual.conv1)
     return model
 
 
@@ -196,21 +163,14 @@ def to_core(model: OpenCLIPModel) -> AlphaCLIP:
     """
     cfg = core_config(model)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if isinstance(model, CustomTextCLIP):
-        sd = {k[5:] if k.startswith("text.") else k: v for k, v in sd.items()}
-    if "visual.conv1_alpha.weight" not in sd:
-        w = sd["visual.conv1.weight"]
-        sd["visual.conv1_alpha.weight"] = w.new_zeros(w.shape[0], 1, *w.shape[-2:])
+    try:
+        canon, _ = resolve(sd, cfg)
+    except CheckpointError as e:
+        raise ValueError(f"the open_clip model does not have Alpha-CLIP's layout ({e}); only standard ViT CLIPs "
+                         f"convert (no layer scale, text class token, logit bias)") from None
     with torch.device("meta"):  # no random init: every weight is assigned below
         core = AlphaCLIP(cfg)
-    own = set(core.state_dict())
-    missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
-    if missing or unexpected:
-        raise ValueError(
-            f"the open_clip model does not have Alpha-CLIP's layout: missing {missing or 'nothing'}, unexpected "
-            f"{unexpected or 'nothing'}; only standard ViT CLIPs convert (no layer scale, text class token, logit bias)"
-        )
-    core.load_state_dict(sd, strict=True, assign=True)
+    core.load_state_dict(canon, strict=True, assign=True)
     return core.train(model.training)
 
 
@@ -249,7 +209,7 @@ def open_clip_config(cfg: CLIPConfig) -> Dict[str, Any]:
                 init_logit_scale=cfg.init_logit_scale)
 
 
-def from_core(model: AlphaCLIP) -> AlphaOpenCLIP:
+def from_core(model: AlphaCLIP) -> OpenCLIPModel:
     """An alphafied open_clip ``CLIP`` with a copy of a core :class:`AlphaCLIP`'s weights.
 
     Raises:
@@ -261,28 +221,29 @@ def from_core(model: AlphaCLIP) -> AlphaOpenCLIP:
     out = alphafy(CLIP(**open_clip_config(model.cfg)))
     p = next(model.parameters())
     out.to(device=p.device, dtype=p.dtype)
-    out.load_state_dict(model.state_dict(), strict=True)
+    out.load_state_dict(from_alphaclip(model.state_dict(), "open_clip"), strict=True)
     return out.train(model.training)
 
 
-def load_alpha_checkpoint(model: OpenCLIPModel, path: PathLike, strict: bool = True) -> LoadResult:
+def load_alpha_checkpoint(model: OpenCLIPModel, path: PathLike, strict: bool = True) -> LoadReport:
     """Load an Alpha-CLIP image tower (e.g. an official ``clip_*_grit*.pth``) into ``model.visual``.
 
-    The model is alphafied first if it is not yet. Any layout the core reads works; a full Alpha-CLIP
-    checkpoint contributes its image tower only (the text tower stays the model's).
+    The model is alphafied first if it is not yet. Any layout the core reads works (through the core
+    resolver); a full Alpha-CLIP checkpoint contributes its image tower only (the text tower stays the
+    model's).
 
     Raises:
         CheckpointError: the file holds another architecture, or (strict) keys are missing or unexpected.
     """
     alphafy(model)
-    sd = read_state_dict(path)
     vision = _vision_config(model.visual)
-    canon = {k: v for k, v in to_alphaclip(sd).items() if k.startswith("visual.")}
-    check_architecture(CLIPConfig(vision=vision), canon, str(path))
-    if detect_format(strip_prefix(sd, "module.")) == "official" and vision.act != "quick_gelu":
+    tower, report = resolve(path, vision, strict=strict)
+    if report.format == "official" and vision.act != "quick_gelu":
         warnings.warn(
             f"{path} is an official Alpha-CLIP release, trained with QuickGELU, but the model uses GELU; "
             f"create it as '<arch>-quickgelu' (e.g. 'ViT-B-16-quickgelu') to get the published results",
             stacklevel=2,
         )
-    return load_state_dict(model.visual, sd, strict=strict, source=str(path), prefix="visual.")
+    visual = from_alphaclip({"visual." + k: v for k, v in tower.items()}, "open_clip")
+    model.visual.load_state_dict({k[len("visual."):]: v for k, v in visual.items()}, strict=False)
+    return report

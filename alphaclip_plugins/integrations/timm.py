@@ -33,10 +33,10 @@ from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_f
 from torch import nn  # noqa: E402
 
 from ..core.alpha import ALPHA_BACKGROUND, ALPHA_FOREGROUND, RGBA_MEAN, RGBA_STD  # noqa: E402
-from ..core.checkpoint import check_architecture, describe  # noqa: E402
-from ..core.config import CLIPConfig, VisionConfig, get_config  # noqa: E402
-from ..core.convert import alphaclip_to_timm, detect_format, strip_prefix, to_alphaclip  # noqa: E402
+from ..core.config import VisionConfig, get_config  # noqa: E402
+from ..core.convert import from_alphaclip, strip_wrappers  # noqa: E402
 from ..core.io import CheckpointError, PathLike, read_state_dict  # noqa: E402
+from ..core.weights import read_weights, resolve  # noqa: E402
 from ..core.vision import embed_alpha, split_rgba  # noqa: E402
 
 __all__ = ["AlphaPatchEmbed", "AlphaVisionTransformer", "checkpoint_filter_fn", "RELEASE_FILES"]
@@ -124,6 +124,7 @@ class AlphaVisionTransformer(VisionTransformer):
         if not (isinstance(embed_layer, type) and issubclass(embed_layer, AlphaPatchEmbed)):
             raise ValueError("embed_layer must be an AlphaPatchEmbed (sub)class: it is what embeds the alpha channel")
         super().__init__(in_chans=in_chans, embed_layer=embed_layer, **kwargs)
+        self._register_load_state_dict_pre_hook(self._convert_foreign)
 
     def init_weights(self, mode: str = "", needs_reset: bool = True) -> None:
         super().init_weights(mode, needs_reset)
@@ -137,30 +138,32 @@ class AlphaVisionTransformer(VisionTransformer):
             CheckpointError: unreadable file, another architecture, or weights that do not fit (named).
         """
         source = str(checkpoint_path)
-        sd = checkpoint_filter_fn(read_state_dict(checkpoint_path), self, source=source)
-        result = self.load_state_dict(sd, strict=False)
-        new_head = self.num_classes != getattr(self, "pretrained_cfg", {}).get("num_classes", self.num_classes)
-        missing = [k for k in result.missing_keys if not (new_head and k.startswith("head."))]
+        result = self.load_state_dict(checkpoint_filter_fn(read_state_dict(checkpoint_path), self, source), strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("head.")]  # a new head starts fresh
         if missing or result.unexpected_keys:
             raise CheckpointError(
                 f"{source} does not fit {type(self).__name__}: missing {missing or 'nothing'}, unexpected "
                 f"{result.unexpected_keys or 'nothing'}. Check that the file holds an Alpha-CLIP or CLIP ViT tower"
             )
 
+    def _convert_foreign(self, state_dict: Dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+        """``load_state_dict`` pre-hook: a state dict of another layout (``create_model(checkpoint_path=...)``,
+        a plain ``load_state_dict``) is converted by :func:`checkpoint_filter_fn` first."""
+        if prefix or _ALPHA_KEY in state_dict:  # this model's own layout
+            return
+        converted = checkpoint_filter_fn(dict(state_dict), self)
+        state_dict.clear()
+        state_dict.update(converted)
 
-def _to_timm_layout(sd: Mapping[str, torch.Tensor], model: VisionTransformer, source: str) -> Dict[str, torch.Tensor]:
-    """Any supported layout -> timm keys, through the core converters; the text tower is dropped."""
-    if detect_format(sd) == "timm":
-        return dict(sd)  # already timm's (also fine-tuned classifiers, whose head is not CLIP's projection)
-    canon = {k: v for k, v in to_alphaclip(sd).items() if k.startswith("visual.")}
-    facts = describe(canon)
-    blk = model.blocks[0]
-    vision = VisionConfig(  # the model's shapes; patch and image size may differ (they are resampled)
-        image_size=facts["image_size"], patch_size=facts["patch_size"], width=model.embed_dim, layers=len(model.blocks),
-        heads=blk.attn.num_heads, mlp_dim=blk.mlp.fc1.out_features, embed_dim=facts["embed_dim"] or 0,
+
+def _tower_config(model: VisionTransformer, embed_dim: int) -> VisionConfig:
+    """The core config of a timm CLIP ViT's tower, read from its modules."""
+    blk, pe = model.blocks[0], model.patch_embed
+    size = pe.img_size or pe.grid_size
+    return VisionConfig(
+        image_size=size[0], patch_size=pe.patch_size[0], width=model.embed_dim, layers=len(model.blocks),
+        heads=blk.attn.num_heads, mlp_dim=blk.mlp.fc1.out_features, embed_dim=embed_dim,
     )
-    check_architecture(CLIPConfig(vision=vision), canon, source)
-    return alphaclip_to_timm(canon)  # a tower without projection (CLIPVisionModel) comes without a head
 
 
 def checkpoint_filter_fn(
@@ -168,26 +171,35 @@ def checkpoint_filter_fn(
 ) -> Dict[str, torch.Tensor]:
     """Turn a state dict of any supported layout into this model's timm state dict.
 
-    Accepts the official Alpha-CLIP release (vision only, ``attn.in_proj.weight``), OpenAI CLIP,
-    open_clip, Hugging Face and timm layouts, ``module.``-prefixed or not. A plain CLIP file gets a zero
-    ``proj_alpha``; the text tower is dropped; ``pos_embed`` and the patch convs are resampled to the
-    model's grid and patch size; a head whose shape differs from the model's is dropped.
+    A timm checkpoint of these models (it has ``patch_embed.proj_alpha``) goes through timm's own filter.
+    Every other layout (official Alpha-CLIP release, OpenAI CLIP, open_clip, Hugging Face, timm CLIP)
+    goes through the core resolver: a plain CLIP gets a zero ``proj_alpha``, the text tower is dropped,
+    positions are resampled to the model's grid, and the architecture and keys are checked. A projection
+    whose shape differs from the model's head (``num_classes=N``) is dropped: timm starts a new head.
 
     Raises:
-        CheckpointError: the file holds another architecture (widths or depth differ).
+        CheckpointError: the file holds another architecture, or weights that do not fit (named).
     """
-    out = _to_timm_layout(strip_prefix(state_dict, "module."), model, source)
-    rgb = out["patch_embed.proj.weight"]
-    if _ALPHA_KEY not in out:  # plain CLIP: a zero alpha conv keeps it CLIP exactly
-        out[_ALPHA_KEY] = rgb.new_zeros(rgb.shape[0], 1, *rgb.shape[-2:])
-    kernel = list(model.patch_embed.proj_alpha.weight.shape[-2:])
-    out[_ALPHA_KEY] = resample_patch_embed(out[_ALPHA_KEY], kernel)  # a no-op unless the patch size changed
-    out = _vit_filter_fn(out, model)  # timm's own resampling of pos_embed and patch_embed.proj
-    head = getattr(model, "head", None)
-    if "head.weight" in out and not (isinstance(head, nn.Linear) and head.weight.shape == out["head.weight"].shape):
-        out.pop("head.weight")
+    sd = strip_wrappers(state_dict)
+    if _ALPHA_KEY in sd:  # this model's own layout (e.g. a timm training checkpoint)
+        out = _vit_filter_fn(sd, model)
+        file_dim = out["head.weight"].shape[0] if "head.weight" in out else 0
+    else:
+        weights = read_weights(sd, source)
+        file_dim = int(weights.facts().get("embed_dim") or 0)
+        tower, report = resolve(weights, _tower_config(model, file_dim or model.embed_dim), strict=False)
+        report.check(allow_missing=("proj",) if _new_head(model, file_dim) else ())
+        out = from_alphaclip({"visual." + k: v for k, v in tower.items()}, "timm")
+    if _new_head(model, file_dim):
+        out.pop("head.weight", None)
         out.pop("head.bias", None)
     return out
+
+
+def _new_head(model: VisionTransformer, file_dim: int) -> bool:
+    """True when the model's head cannot take the file's projection (``num_classes=N``, or no head)."""
+    head = getattr(model, "head", None)
+    return not (isinstance(head, nn.Linear) and head.out_features == file_dim and head.in_features == model.embed_dim)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> AlphaVisionTransformer:
