@@ -26,9 +26,9 @@ def _load_model(args: argparse.Namespace):
     if args.pretrained or args.alpha_checkpoint:
         return create_model(args.model, pretrained=args.pretrained, alpha_checkpoint=args.alpha_checkpoint,
                             strict=not args.non_strict), None
-    from .train.default_model import default_labels, load_default_model
+    from .core.factory import model_labels, resolve_model
 
-    return load_default_model(), default_labels()
+    return resolve_model("default"), model_labels()
 
 
 def cmd_classify(args: argparse.Namespace) -> None:

@@ -221,7 +221,7 @@ def test_region_scorer_with_the_embedded_model_ranks_the_right_label():
         scorer.rescore(pixels, pred)
         hits += int((pred.clip_scores[: len(gt)].argmax(-1) == torch.tensor(gt_labels)).sum())
         total += len(gt)
-        scorer.set_vocabulary(subset)  # no rebuild: the next call scores against the new classes
+        scorer.rescorer.set_vocabulary(subset)  # no rebuild: the next call scores against the new classes
         pred = InstanceData(bboxes=boxes, labels=torch.zeros(len(boxes), dtype=torch.long),
                             scores=torch.full((len(boxes),), 0.5))
         scorer.rescore(pixels, pred)
@@ -229,6 +229,6 @@ def test_region_scorer_with_the_embedded_model_ranks_the_right_label():
             if names[label] in subset:
                 sub_hits += int(subset[int(pred.clip_scores[i].argmax())] == names[label])
                 sub_total += 1
-        scorer.set_vocabulary(names)
+        scorer.rescorer.set_vocabulary(names)
     assert hits / total >= 0.9, f"region scorer top-1 {hits}/{total}"
     assert sub_total > 0 and sub_hits / sub_total >= 0.9, f"after the vocabulary swap {sub_hits}/{sub_total}"

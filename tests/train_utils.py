@@ -41,13 +41,12 @@ def write_config(path: Path, cfg: Dict[str, Any]) -> Path:
 
 def run_train(config: Path, *overrides: str, nproc: int = 1, fault: Optional[str] = None,
               timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run ``python -m alphaclip_plugins.train`` (through torchrun when ``nproc > 1``) in a fresh process."""
+    """Run ``python -m alphaclip_plugins.train`` (through torchrun when ``nproc > 1``) in a fresh process;
+    ``fault`` (``"step:N"``, ``"save:N"``, ``"saved:N"``) kills it there (``tests/kill_at.py``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("ALPHACLIP_TRAIN_FAULT", None)
-    if fault:
-        env["ALPHACLIP_TRAIN_FAULT"] = fault
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += ["-m", "alphaclip_plugins.train", str(config), *overrides]
+    cmd += [str(ROOT / "tests" / "kill_at.py"), fault] if fault else ["-m", "alphaclip_plugins.train"]
+    cmd += [str(config), *overrides]
     return subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)

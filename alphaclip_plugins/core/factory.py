@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, List, Literal, Optional, Sequence, Union
 
 import torch
 
@@ -70,11 +70,24 @@ def create_model(
     return model.to(device=device, dtype=_DTYPES[precision]).eval()
 
 
-def save_pretrained(model: AlphaCLIP, directory: PathLike) -> None:
-    """Write ``model.safetensors`` and ``alphaclip_config.json`` into ``directory`` (atomically each)."""
+def save_pretrained(model: AlphaCLIP, directory: PathLike, labels: Optional[Sequence[str]] = None) -> None:
+    """Write ``model.safetensors`` and ``alphaclip_config.json`` into ``directory`` (atomically each).
+
+    Args:
+        labels: class names that belong with the model (its default vocabulary, see :func:`model_labels`).
+    """
     directory = Path(directory)
     save_safetensors(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "alphaclip"})
-    write_json({"config": model.cfg.to_dict(), "library": "alphaclip-plugins"}, directory / CONFIG_NAME)
+    meta = {"config": model.cfg.to_dict(), "library": "alphaclip-plugins"}
+    if labels is not None:
+        meta["labels"] = list(labels)
+    write_json(meta, directory / CONFIG_NAME)
+
+
+def model_labels(directory: PathLike = DEFAULT_MODEL_DIR) -> List[str]:
+    """The class names saved with a :func:`save_pretrained` directory (by default the embedded model's:
+    ``"colour shape"`` for every colour and shape it was trained on); empty if none were saved."""
+    return list(json.loads((Path(directory) / CONFIG_NAME).read_text()).get("labels", []))
 
 
 def from_pretrained(

@@ -111,6 +111,7 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
         nn.init.zeros_(self.conv1_alpha.weight)
         init_transformer_(self.transformer)
+        self.frozen = False  # set by freeze(): the whole tower stays in eval mode
 
     # --- embedding -------------------------------------------------------------------------------
     def patch_embed(self, image: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -207,8 +208,14 @@ class VisionTransformer(nn.Module):
         params += [p for b in blocks[:n] for p in b.parameters()]
         if num_blocks is None:
             params += list(self.ln_post.parameters()) + [self.proj]
+            self.frozen = True
+            self.eval()
         for p in params:
             p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "VisionTransformer":
+        """As ``nn.Module.train``; a tower frozen whole stays in eval mode (a frozen CLIP backbone)."""
+        return super().train(mode and not self.frozen)
 
     def freeze_head(self, norm: bool = True) -> None:
         """Stop gradients to the pooling head (``proj``, and ``ln_post`` with ``norm``), which a dense

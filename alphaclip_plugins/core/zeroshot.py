@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import weakref
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,14 +25,6 @@ TEMPLATES: Dict[str, Tuple[str, ...]] = {
 }
 
 Templates = Union[str, Sequence[str]]
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[Any, torch.Tensor]]" = weakref.WeakKeyDictionary()
-
-
-def _text_fingerprint(model: nn.Module) -> Tuple[Any, ...]:
-    """Changes whenever a text weight is replaced or updated in place (optimizer steps, loads, ``.to()``)."""
-    params = [model.token_embedding.weight, model.positional_embedding, model.text_projection]
-    params += list(model.transformer.parameters()) + list(model.ln_final.parameters())
-    return tuple((p.data_ptr(), p._version, p.dtype) for p in params)
 
 
 @torch.no_grad()
@@ -43,16 +34,14 @@ def text_classifier(
 ) -> torch.Tensor:
     """Normalised class embeddings ``[K, embed_dim]``: each class's prompt embeddings, averaged.
 
-    Results are cached per model and invalidated when the text tower's weights change. ``progress``
-    shows a bar (by default when there are more than 4 batches of prompts).
+    Nothing is cached: callers that score many images against one vocabulary keep the result (as
+    :class:`~alphaclip_plugins.detection.open_vocab.RegionScorer` does, or pass it to
+    :func:`classify_regions` as ``classifier``). ``progress`` shows a bar (by default when there are
+    more than 4 batches of prompts).
     """
     prompts = TEMPLATES[templates] if isinstance(templates, str) else tuple(templates)
     if not labels:
         raise ValueError("labels is empty; pass at least one class name")
-    key = (tuple(labels), prompts, _text_fingerprint(model))
-    cache = _CACHE.setdefault(model, {})
-    if key in cache:
-        return cache[key]
     texts = [t.format(label) for label in labels for t in prompts]
     device = model.token_embedding.weight.device
     chunks = range(0, len(texts), batch_size)
@@ -64,16 +53,14 @@ def text_classifier(
     emb = torch.cat([model.encode_text(tokenize(texts[i : i + batch_size], ctx).to(device), normalize=True)
                      for i in chunks])
     # [K * T, D] -> [K, T, D] -> class mean -> renormalise
-    weights = F.normalize(emb.float().view(len(labels), len(prompts), -1).mean(dim=1), dim=-1)
-    cache.clear()  # one vocabulary at a time: a swap replaces the old one
-    cache[key] = weights
-    return weights
+    return F.normalize(emb.float().view(len(labels), len(prompts), -1).mean(dim=1), dim=-1)
 
 
 @torch.no_grad()
 def classify_regions(
     model: nn.Module, image: Any, regions: Optional[Sequence[Any]], labels: Sequence[str],
     templates: Templates = "ovseg", processor: Optional[RegionProcessor] = None,
+    classifier: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Zero-shot probabilities of each region of one image over ``labels``.
 
@@ -85,6 +72,8 @@ def classify_regions(
         labels: class names.
         templates: ``"ovseg"``, ``"clip"`` or a list of ``"... {} ..."`` strings.
         processor: geometry and size; defaults to pad-to-square at the model's input size.
+        classifier: ``text_classifier(model, labels, templates)`` computed once by the caller, for many
+            images; computed here when None.
 
     Returns:
         ``[R, K]`` probabilities (softmax over classes of ``logit_scale * cosine``).
@@ -94,7 +83,7 @@ def classify_regions(
     alpha = processor.alphas(list(regions) if regions is not None else [None], size)
     device = model.logit_scale.device
     feats = model.encode_image(pixels.to(device), alpha.to(device), normalize=True).float()
-    weights = text_classifier(model, labels, templates)
+    weights = classifier if classifier is not None else text_classifier(model, labels, templates)
     return (model.logit_scale.exp().float() * feats @ weights.T).softmax(dim=-1)
 
 

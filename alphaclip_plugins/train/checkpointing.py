@@ -17,7 +17,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -28,19 +27,6 @@ import torch
 from ..core.io import atomic_write, read_state_dict, save_safetensors
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-FAULT_ENV = "ALPHACLIP_TRAIN_FAULT"  # test hook: "step:N", "save:N" or "saved:N" (see `fault`)
-_saves = 0
-
-
-def fault(point: str, count: int) -> None:
-    """Kill this process (SIGKILL, no cleanup) when ``$ALPHACLIP_TRAIN_FAULT`` is ``"<point>:<count>"``.
-
-    Points: ``step`` after optimizer step N; ``save`` inside the N-th checkpoint write of this process
-    (after its first file); ``saved`` after the N-th checkpoint is in place, before pruning. Used by the
-    tests to show that killed runs resume exactly and leave no corrupt checkpoint.
-    """
-    if os.environ.get(FAULT_ENV) == f"{point}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -110,14 +96,11 @@ class Checkpointer:
         self, step: int, model_sd: Dict[str, torch.Tensor], optim_sd: Dict[str, Any], state: Dict[str, Any]
     ) -> Path:
         """Write one checkpoint atomically, then prune; returns its folder."""
-        global _saves
-        _saves += 1
         final = self.directory / f"step_{step:08d}"
         tmp = self.directory / f".tmp-step_{step:08d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_safetensors(model_sd, tmp / "model.safetensors", metadata={"format": "alphaclip", "step": str(step)})
-        fault("save", _saves)
         optim_tensors, optim_rest = split_optimizer_state(optim_sd)
         save_safetensors(optim_tensors, tmp / "optimizer.safetensors")
         atomic_write(tmp / "state.pt", lambda f: torch.save({**state, "optimizer": optim_rest, "step": step}, f))
@@ -126,7 +109,6 @@ class Checkpointer:
             os.replace(final, self.directory / f".trash-{final.name}-{os.getpid()}")
         os.replace(tmp, final)
         _fsync_dir(self.directory)
-        fault("saved", _saves)
         self.prune()
         return final
 

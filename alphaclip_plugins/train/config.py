@@ -77,6 +77,7 @@ class ExportConfig:
     dir: Optional[str] = None  # where the final model goes (default: <output_dir>/final)
     official: bool = False  # also write the vision tower in the official Alpha-CLIP .pth layout
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # storage dtype of the exported weights
+    labels: List[str] = field(default_factory=list)  # class names saved with the model (its default vocabulary)
 
 
 @dataclass

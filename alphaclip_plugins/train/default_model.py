@@ -12,7 +12,7 @@ from typing import List, Union
 
 import torch
 
-from ..core.factory import resolve_model
+from ..core.factory import model_labels, resolve_model
 from ..core.model import AlphaCLIP
 
 
@@ -26,7 +26,5 @@ def load_default_model(device: Union[str, torch.device, None] = None) -> AlphaCL
 
 
 def default_labels() -> List[str]:
-    """The classes the embedded model knows: ``"colour shape"`` for every colour and shape it was trained on."""
-    from .synthetic import labels
-
-    return labels()
+    """The classes the embedded model knows (saved with it): ``"colour shape"`` for every colour and shape."""
+    return model_labels()

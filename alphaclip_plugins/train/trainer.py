@@ -18,7 +18,7 @@ from ..core.factory import save_pretrained, tokenize
 from ..core.io import write_json
 from ..core.model import AlphaCLIP
 from ..core.processor import RegionProcessor
-from .checkpointing import Checkpointer, fault, rng_state, set_rng_state
+from .checkpointing import Checkpointer, rng_state, set_rng_state
 from .config import TrainConfig
 from .data import DataError
 from .distributed import (DistEnv, all_gather_objects, average_grads, barrier, broadcast_object, cleanup, is_fsdp,
@@ -87,7 +87,6 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Path:
             with torch.no_grad():
                 model.logit_scale.clamp_(0, 4.6052)  # at most 100, as in CLIP
         step += 1
-        fault("step", step)
 
         log = step % cfg.log_every == 0 or step == cfg.steps
         scalars = {"loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm)} if log else {}
@@ -225,7 +224,7 @@ def _export(cfg: TrainConfig, env: DistEnv, model: AlphaCLIP, out: Path, fsdp: b
             model.load_state_dict(full)
     if env.main:
         model = merge_lora(model).to(_DTYPES[cfg.export.dtype])
-        save_pretrained(model, target)
+        save_pretrained(model, target, labels=cfg.export.labels or None)
         if cfg.export.official:
             save_official(model, target / "alphaclip_visual.pth")
     barrier(env)

@@ -10,12 +10,11 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, SimpleFeaturePyramid
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from ...core.alpha import ALPHA_MEAN, ALPHA_STD, CLIP_MEAN, CLIP_STD
 from ...core.vision import feature_tower
+from ...detection.inputs import RGBA_MEAN_255, RGBA_STD_255
 
 #: MODEL.PIXEL_MEAN / PIXEL_STD for INPUT.FORMAT "RGB" plus alpha, on the 0-255 scale.
-PIXEL_MEAN = [255 * m for m in CLIP_MEAN] + [255 * ALPHA_MEAN]
-PIXEL_STD = [255 * s for s in CLIP_STD] + [255 * ALPHA_STD]
+PIXEL_MEAN, PIXEL_STD = list(RGBA_MEAN_255), list(RGBA_STD_255)
 
 
 class AlphaCLIPViTBackbone(Backbone):
@@ -41,7 +40,6 @@ class AlphaCLIPViTBackbone(Backbone):
         self.visual = feature_tower(arch, frozen, frozen_stages, with_cp, **overrides)
         cfg = self.visual.cfg
         self.block = block % cfg.layers
-        self.frozen = frozen
         self._out_features = [out_feature]
         self._out_feature_channels = {out_feature: cfg.width}
         self._out_feature_strides = {out_feature: cfg.patch_size}
@@ -53,12 +51,6 @@ class AlphaCLIPViTBackbone(Backbone):
     @property
     def padding_constraints(self) -> Dict[str, int]:
         return {"size_divisibility": self.visual.patch_size}
-
-    def train(self, mode: bool = True) -> "AlphaCLIPViTBackbone":
-        super().train(mode)
-        if self.frozen:
-            self.visual.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         (feat,) = self.visual.forward_intermediates(x, indices=[self.block], intermediates_only=True)

@@ -11,9 +11,12 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from ...core.regions import region_mask
+from detectron2.structures import BoxMode
+
+from ...detection.inputs import sample_alpha
 
 SOURCES = ("whole", "gt_boxes", "gt_masks", "prompt")
+_SHARED_SOURCE = {"whole": "whole", "gt_boxes": "boxes", "gt_masks": "masks", "prompt": "prompt"}
 
 
 def alpha_mask(dataset_dict: Dict[str, Any], source: str, height: int, width: int) -> np.ndarray:
@@ -22,26 +25,14 @@ def alpha_mask(dataset_dict: Dict[str, Any], source: str, height: int, width: in
     ``gt_boxes`` / ``gt_masks`` take the union of the annotations (referring-style prompts);
     ``prompt`` reads ``dataset_dict["alpha_prompt"]`` (box ``xyxy``, mask, polygon or RLE).
     """
+    if source not in SOURCES:
+        raise ValueError(f"alpha_source must be one of {SOURCES}; got {source!r}")
     annotations = dataset_dict.get("annotations") or []
-    mask = np.zeros((height, width), np.float32)
-    if source == "gt_boxes" and annotations:
-        from detectron2.structures import BoxMode
-
-        for ann in annotations:
-            x0, y0, x1, y1 = BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS)
-            box = [min(max(x0, 0), width - 1), min(max(y0, 0), height - 1), min(x1, width), min(y1, height)]
-            box[2], box[3] = max(box[2], box[0] + 1), max(box[3], box[1] + 1)
-            mask = np.maximum(mask, region_mask(box, height, width))
-        return mask
-    if source == "gt_masks" and annotations:
-        for ann in annotations:
-            seg = ann["segmentation"]
-            region = {"polygon": seg} if isinstance(seg, list) else seg
-            mask = np.maximum(mask, region_mask(region, height, width))
-        return mask
-    if source == "prompt" and dataset_dict.get("alpha_prompt") is not None:
-        return region_mask(dataset_dict["alpha_prompt"], height, width)
-    return np.ones((height, width), np.float32)
+    boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annotations] if source == "gt_boxes" else None
+    masks = [{"polygon": a["segmentation"]} if isinstance(a["segmentation"], list) else a["segmentation"]
+             for a in annotations] if source == "gt_masks" else None
+    return sample_alpha(_SHARED_SOURCE[source], height, width, boxes=boxes, masks=masks,
+                        prompt=dataset_dict.get("alpha_prompt"))
 
 
 class AlphaDatasetMapper(DatasetMapper):

@@ -8,12 +8,11 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 
-from ...core.checkpoint import tower_state_dict
-from ...core.convert import detect_format
 from ...core.factory import resolve_model
 from ...core.io import read_state_dict
-from ...core.open_vocab import RegionScorer, clip_boxes, rescore_detections
 from ...core.vision import VisionTransformer
+from ...core.weights import resolve
+from ...detection.open_vocab import DetectionRescorer, RegionScorer
 
 _DETECTOR_PREFIXES = ("backbone.", "proposal_generator.", "roi_heads.", "pixel_mean", "pixel_std")
 
@@ -27,15 +26,13 @@ class AlphaGeneralizedRCNN(GeneralizedRCNN):
     * ``load_state_dict`` accepts any layout the core loader reads (official Alpha-CLIP ``.pth``, OpenAI,
       open_clip, Hugging Face, timm): it is converted into the backbone's vision tower, so
       ``DetectionCheckpointer(model).load(path)`` / ``MODEL.WEIGHTS`` just work.
-    * With a ``region_scorer``, inference re-scores every detection with Alpha-CLIP (its box as alpha).
+    * With a ``rescorer``, inference re-scores every detection with Alpha-CLIP (its box as alpha).
     """
 
     @configurable
-    def __init__(self, *, region_scorer: Optional[RegionScorer] = None, novel_classes: Sequence[str] = (),
-                 alpha_base: float = 0.35, beta_novel: float = 0.65, **kwargs: Any):
+    def __init__(self, *, rescorer: Optional[DetectionRescorer] = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.region_scorer = region_scorer
-        self.novel_classes, self.alpha_base, self.beta_novel = set(novel_classes), alpha_base, beta_novel
+        self.rescorer = rescorer
         self._register_load_state_dict_pre_hook(self._convert_foreign_checkpoint)
 
     @classmethod
@@ -43,8 +40,8 @@ class AlphaGeneralizedRCNN(GeneralizedRCNN):
         ret = super().from_config(cfg)
         a = cfg.MODEL.get("ALPHACLIP")
         if a is not None and a.RESCORE:
-            ret.update(region_scorer=RegionScorer(resolve_model(a.CLIP), a.CLASS_NAMES, a.TEMPLATES),
-                       novel_classes=a.NOVEL_CLASSES, alpha_base=a.ALPHA_BASE, beta_novel=a.BETA_NOVEL)
+            scorer = RegionScorer(resolve_model(a.CLIP), a.CLASS_NAMES, a.TEMPLATES)
+            ret["rescorer"] = DetectionRescorer(scorer, a.NOVEL_CLASSES, a.ALPHA_BASE, a.BETA_NOVEL)
         return ret
 
     # --- input ----------------------------------------------------------------------------------------
@@ -71,15 +68,15 @@ class AlphaGeneralizedRCNN(GeneralizedRCNN):
         if not keys or any(k.startswith(_DETECTOR_PREFIXES) for k in keys):
             return  # a detectron2 checkpoint of this model
         own = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
-        detect_format(own)  # raises a clear error for files of no known layout
         tower = self._tower_prefix()
-        for k, v in tower_state_dict(own, self.get_submodule(tower[:-1])).items():
+        weights, _ = resolve(own, self.get_submodule(tower[:-1]).cfg)  # the one way in: any layout, checked
+        for k, v in weights.items():
             state_dict[prefix + tower + k] = v
 
     # --- output -------------------------------------------------------------------------------------------
     def inference(self, batched_inputs, detected_instances=None, do_postprocess: bool = True):
         results = super().inference(batched_inputs, detected_instances, do_postprocess)
-        if self.region_scorer is None or not do_postprocess:
+        if self.rescorer is None or not do_postprocess:
             return results
         for x, r in zip(batched_inputs, results):
             self._rescore(x, r["instances"])
@@ -93,11 +90,7 @@ class AlphaGeneralizedRCNN(GeneralizedRCNN):
         h, w = image.shape[-2:]
         out_h, out_w = inst.image_size
         boxes = inst.pred_boxes.tensor * torch.tensor([w / out_w, h / out_h] * 2, device=inst.pred_boxes.tensor.device)
-        labels = self.region_scorer.labels
-        novel = torch.tensor([name in self.novel_classes for name in labels])
-        inst.scores, inst.clip_scores = rescore_detections(
-            self.region_scorer, image.cpu(), clip_boxes(boxes, h, w), inst.pred_classes, inst.scores, novel,
-            self.alpha_base, self.beta_novel)
+        inst.scores, inst.clip_scores = self.rescorer(image.cpu(), boxes, inst.pred_classes, inst.scores)
 
 
 def _with_alpha(image: torch.Tensor) -> torch.Tensor:

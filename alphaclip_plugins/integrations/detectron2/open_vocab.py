@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Sequence, Union
 
 from detectron2.config import configurable
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from torch import nn
 
-from ...core.open_vocab import ZeroShotClassifier, swap_classifier_vocabulary
+from ...detection.open_vocab import ZeroShotClassifier, swap_vocabulary
 
 
 class ZeroShotFastRCNNOutputLayers(FastRCNNOutputLayers):
@@ -48,17 +48,7 @@ class OpenVocabROIHeads(StandardROIHeads):
         return ret
 
 
-def set_vocabulary(model: nn.Module, text_embeddings: Union[str, Path],
-                   novel_classes: Optional[Sequence[str]] = None) -> None:
-    """Swap a built detector's vocabulary in place: zero-shot classifier, ``num_classes``, region scorer."""
-    labels, found = swap_classifier_vocabulary(model, text_embeddings)
-    for module in model.modules():
-        if isinstance(getattr(module, "cls_score", None), ZeroShotClassifier) or isinstance(module, StandardROIHeads):
-            module.num_classes = len(labels)
-    scorer = getattr(model, "region_scorer", None)
-    if scorer is not None:
-        scorer.set_vocabulary(labels)
-        model.novel_classes = set(novel_classes or ())
-        found += 1
-    if not found:
-        raise ValueError("the model has no ZeroShotClassifier or region scorer whose vocabulary to swap")
+def set_vocabulary(model: nn.Module, text_embeddings: Union[str, Path], novel_classes: Sequence[str] = ()) -> None:
+    """Swap a built detector's vocabulary in place: zero-shot classifier, ``num_classes``, re-scorer."""
+    swap_vocabulary(model, text_embeddings, novel_classes, heads=lambda m: isinstance(
+        getattr(m, "cls_score", None), ZeroShotClassifier) or isinstance(m, StandardROIHeads))

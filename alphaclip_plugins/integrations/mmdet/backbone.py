@@ -38,22 +38,16 @@ class AlphaCLIPViT(BaseModule):
         super().__init__(init_cfg=init_cfg)
         self.visual = feature_tower(arch, frozen, frozen_stages, with_cp, norm_out, **overrides)
         self.out_indices = [i % self.visual.cfg.layers for i in out_indices]
-        self.norm_out, self.frozen = norm_out, frozen
+        self.norm_out = norm_out
 
     def init_weights(self) -> None:
         """Load a ``Pretrained`` init_cfg through the core loader; it can run any number of times."""
         cfg = self.init_cfg if isinstance(self.init_cfg, dict) else None
         if cfg is not None and cfg.get("type") == "Pretrained":
-            load_checkpoint(self.visual, cfg["checkpoint"], strict=cfg.get("strict", True), prefix="visual.")
+            load_checkpoint(self.visual, cfg["checkpoint"], strict=cfg.get("strict", True))
             self._is_init = True
             return
         super().init_weights()
-
-    def train(self, mode: bool = True) -> "AlphaCLIPViT":
-        super().train(mode)
-        if self.frozen:
-            self.visual.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         out = self.visual.forward_intermediates(

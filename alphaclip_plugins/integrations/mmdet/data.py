@@ -10,12 +10,9 @@ from mmcv.transforms import BaseTransform
 from mmdet.models.data_preprocessors import DetDataPreprocessor
 from mmdet.registry import MODELS, TRANSFORMS
 
-from ...core.alpha import ALPHA_MEAN, ALPHA_STD, CLIP_MEAN, CLIP_STD
-from ...core.regions import region_mask
+from ...detection.inputs import RGBA_MEAN_255, RGBA_STD_255, sample_alpha
 
-#: CLIP's RGB statistics and alpha's 0.5/0.26, on the 0-255 scale of mmdet pipelines.
-RGBA_MEAN_255 = tuple(255 * m for m in CLIP_MEAN + (ALPHA_MEAN,))
-RGBA_STD_255 = tuple(255 * s for s in CLIP_STD + (ALPHA_STD,))
+_SHARED_SOURCE = {"whole": "whole", "gt_bboxes": "boxes", "gt_masks": "masks", "prompt": "prompt"}
 
 
 @TRANSFORMS.register_module()
@@ -37,18 +34,14 @@ class AddAlphaChannel(BaseTransform):
         self.source = source
 
     def _mask(self, results: dict, h: int, w: int) -> np.ndarray:
-        if self.source == "gt_bboxes" and len(results.get("gt_bboxes", [])):
-            mask = np.zeros((h, w), np.float32)
-            for box in np.asarray(results["gt_bboxes"].tensor if hasattr(results["gt_bboxes"], "tensor")
-                                  else results["gt_bboxes"]).reshape(-1, 4):
-                x0, y0, x1, y1 = np.clip(box, 0, [w, h, w, h])
-                mask = np.maximum(mask, region_mask([x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)], h, w))
-            return mask
-        if self.source == "gt_masks" and len(results.get("gt_masks", [])):
-            return np.asarray(results["gt_masks"].to_ndarray()).max(axis=0).astype(np.float32)
-        if self.source == "prompt" and results.get("alpha_prompt") is not None:
-            return region_mask(results["alpha_prompt"], h, w)
-        return np.ones((h, w), np.float32)
+        boxes = results.get("gt_bboxes") if self.source == "gt_bboxes" else None
+        masks = results.get("gt_masks") if self.source == "gt_masks" else None
+        return sample_alpha(
+            _SHARED_SOURCE[self.source], h, w,
+            boxes=np.asarray(getattr(boxes, "tensor", boxes)).reshape(-1, 4) if boxes is not None else None,
+            masks=list(masks.to_ndarray()) if masks is not None and len(masks) else None,
+            prompt=results.get("alpha_prompt"),
+        )
 
     def transform(self, results: dict) -> dict:
         img = results["img"]

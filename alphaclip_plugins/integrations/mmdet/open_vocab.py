@@ -11,9 +11,7 @@ from mmdet.registry import MODELS
 from torch import nn
 
 from ...core.factory import resolve_model
-from ...core.open_vocab import (
-    RegionScorer, ZeroShotClassifier, clip_boxes, rescore_detections, swap_classifier_vocabulary,
-)
+from ...detection.open_vocab import DetectionRescorer, RegionScorer, ZeroShotClassifier, swap_vocabulary
 from .data import denormalize_rgb
 
 # Built by BBoxHead from `cls_predictor_cfg`, which passes in_features and out_features (classes + 1).
@@ -38,17 +36,13 @@ class AlphaCLIPRegionScorer(nn.Module):
                  use_masks: bool = False):
         super().__init__()
         self.clip = resolve_model(clip).eval()
-        self.scorer = RegionScorer(self.clip, labels, templates)
-        self.novel_names, self.alpha_base, self.beta_novel = set(novel_classes), alpha_base, beta_novel
+        self.rescorer = DetectionRescorer(RegionScorer(self.clip, labels, templates), novel_classes, alpha_base,
+                                          beta_novel)
         self.use_masks = use_masks
-
-    def set_vocabulary(self, labels: Sequence[str], novel_classes: Sequence[str] = ()) -> None:
-        self.scorer.set_vocabulary(labels)
-        self.novel_names = set(novel_classes)
 
     def score(self, image: torch.Tensor, regions: Sequence[Any]) -> torch.Tensor:
         """``[N, K]`` Alpha-CLIP probabilities of regions of ``image [3, H, W]`` (values in [0, 1])."""
-        return self.scorer(image, regions)
+        return self.rescorer.scorer(image, regions)
 
     @torch.no_grad()
     def rescore(self, image: torch.Tensor, pred, scale_factor: Sequence[float] = (1.0, 1.0)) -> None:
@@ -58,14 +52,12 @@ class AlphaCLIPRegionScorer(nn.Module):
         ``(w, h)`` times the original.
         """
         h, w = image.shape[-2:]
+        masks: Optional[List[Any]] = None
         if self.use_masks and "masks" in pred and len(pred):
-            masks = F.interpolate(pred.masks[:, None].float(), size=(h, w), mode="nearest")[:, 0]
-            regions: List[Any] = [m.cpu().numpy() > 0.5 for m in masks]
-        else:
-            regions = clip_boxes(pred.bboxes * pred.bboxes.new_tensor(list(scale_factor) * 2), h, w)
-        novel = torch.tensor([name in self.novel_names for name in self.scorer.labels])
-        pred.scores, pred.clip_scores = rescore_detections(
-            self.scorer, image, regions, pred.labels, pred.scores, novel, self.alpha_base, self.beta_novel)
+            masks = [m.cpu().numpy() > 0.5 for m in
+                     F.interpolate(pred.masks[:, None].float(), size=(h, w), mode="nearest")[:, 0]]
+        boxes = pred.bboxes * pred.bboxes.new_tensor(list(scale_factor) * 2)
+        pred.scores, pred.clip_scores = self.rescorer(image, boxes, pred.labels, pred.scores, masks)
 
 
 @MODELS.register_module()
@@ -94,13 +86,6 @@ class OpenVocabTwoStageDetector(TwoStageDetector):
 
 
 def set_vocabulary(detector: nn.Module, text_embeddings: Union[str, Path], novel_classes: Sequence[str] = ()) -> None:
-    """Swap a built detector's vocabulary in place: classifier, head ``num_classes``, region scorer."""
-    labels, found = swap_classifier_vocabulary(detector, text_embeddings)
-    for module in detector.modules():
-        if isinstance(getattr(module, "fc_cls", None), ZeroShotClassifier):
-            module.num_classes = len(labels)
-        elif isinstance(module, AlphaCLIPRegionScorer):
-            module.set_vocabulary(labels, novel_classes)
-            found += 1
-    if not found:
-        raise ValueError("the detector has no ZeroShotClassifier or AlphaCLIPRegionScorer whose vocabulary to swap")
+    """Swap a built detector's vocabulary in place: classifier, head ``num_classes``, re-scorer."""
+    swap_vocabulary(detector, text_embeddings, novel_classes,
+                    heads=lambda m: isinstance(getattr(m, "fc_cls", None), ZeroShotClassifier))

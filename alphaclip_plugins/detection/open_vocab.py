@@ -1,23 +1,25 @@
 """Open-vocabulary detection pieces shared by the detection integrations (MMDetection, Detectron2).
 
 * :class:`ZeroShotClassifier`: a box classifier whose class weights are Alpha-CLIP text embeddings;
-* :class:`RegionScorer` and :func:`rescore_detections`: encode the full image with each detected box
-  (or mask) as alpha and fuse the result with the detector's score, as ViLD / F-VLM do.
+* :class:`RegionScorer`, :func:`rescore_detections` and :class:`DetectionRescorer`: encode the full
+  image with each detected box (or mask) as alpha and fuse the result with the detector's score, as
+  ViLD / F-VLM do;
+* :func:`swap_vocabulary`: point a built detector at other classes.
 
 The integrations only translate their frameworks' boxes, images and configs to these.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .factory import resolve_model
-from .processor import Mode, RegionProcessor
-from .zeroshot import Templates, load_text_embeddings, save_text_embeddings, text_classifier
+from ..core.factory import resolve_model
+from ..core.processor import Mode, RegionProcessor
+from ..core.zeroshot import Templates, load_text_embeddings, save_text_embeddings, text_classifier
 
 
 def fuse_scores(
@@ -189,3 +191,64 @@ def swap_classifier_vocabulary(model: nn.Module, text_embeddings: Union[str, Pat
     for m in classifiers:
         m.set_vocabulary(emb, labels)
     return labels, len(classifiers)
+
+
+class DetectionRescorer:
+    """Alpha-CLIP re-scoring of a detector's predictions: a :class:`RegionScorer`, the classes the detector
+    never trained on, and the fusion weights. Detection adapters hold one as ``rescorer``.
+
+    Args:
+        scorer: scores regions against the detector's vocabulary (in its label order).
+        novel_classes: names the detector never trained on (weighted by ``beta_novel``).
+        alpha_base, beta_novel: weight of Alpha-CLIP in the geometric mean for base / novel classes.
+    """
+
+    def __init__(self, scorer: RegionScorer, novel_classes: Sequence[str] = (), alpha_base: float = 0.35,
+                 beta_novel: float = 0.65):
+        self.scorer, self.alpha_base, self.beta_novel = scorer, alpha_base, beta_novel
+        self.novel_classes = set(novel_classes)
+
+    def set_vocabulary(self, labels: Sequence[str], novel_classes: Sequence[str] = ()) -> None:
+        self.scorer.set_vocabulary(labels)
+        self.novel_classes = set(novel_classes)
+
+    @torch.no_grad()
+    def __call__(
+        self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
+        masks: Optional[Sequence[Any]] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(fused scores [N], Alpha-CLIP probabilities [N, K])`` of N detections in ``image [3, H, W]``
+        (RGB in [0, 1]); ``boxes [N, 4]`` ``xyxy`` in that image's pixels, or ``masks`` to score instead."""
+        h, w = image.shape[-2:]
+        regions = list(masks) if masks is not None else clip_boxes(boxes, h, w)
+        novel = torch.tensor([name in self.novel_classes for name in self.scorer.labels], dtype=torch.bool)
+        return rescore_detections(self.scorer, image, regions, labels, scores, novel, self.alpha_base,
+                                  self.beta_novel)
+
+
+def swap_vocabulary(
+    model: nn.Module, text_embeddings: Union[str, Path], novel_classes: Sequence[str] = (),
+    heads: Callable[[nn.Module], bool] = lambda m: False,
+) -> list:
+    """Point a built detector at the classes of ``text_embeddings``, in place.
+
+    Every :class:`ZeroShotClassifier` gets the new class embeddings, every module ``heads`` selects gets
+    the new ``num_classes``, and every ``rescorer`` (:class:`DetectionRescorer`) the new labels.
+
+    Returns:
+        The new labels.
+
+    Raises:
+        ValueError: the model has neither a zero-shot classifier nor a re-scorer.
+    """
+    labels, found = swap_classifier_vocabulary(model, text_embeddings)
+    for module in model.modules():
+        if heads(module):
+            module.num_classes = len(labels)
+        rescorer = getattr(module, "rescorer", None)
+        if isinstance(rescorer, DetectionRescorer):
+            rescorer.set_vocabulary(labels, novel_classes)
+            found += 1
+    if not found:
+        raise ValueError("the detector has no ZeroShotClassifier or Alpha-CLIP re-scorer whose vocabulary to swap")
+    return labels
