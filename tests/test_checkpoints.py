@@ -13,7 +13,7 @@ from alphaclip_plugins import create_model, from_pretrained, save_pretrained
 from alphaclip_plugins.core.checkpoint import export_state_dict, load_checkpoint, save_official, save_weights
 from alphaclip_plugins.core.convert import FORMATS, detect_format, from_alphaclip, to_alphaclip
 from alphaclip_plugins.core.io import CheckpointError, read_state_dict
-from conftest import HF_TINY_VISION, random_alpha, random_alpha_conv_
+from conftest import import_or_skip, HF_TINY_VISION, random_alpha, random_alpha_conv_
 
 
 def _openai_layout(model) -> dict:
@@ -100,7 +100,7 @@ def test_training_checkpoint_with_module_prefix_and_open_clip_nesting(tmp_path, 
 
 
 def test_hugging_face_directories(tmp_path, clip_source):
-    pytest.importorskip("transformers")
+    import_or_skip("transformers")
     from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     _, alpha = clip_source

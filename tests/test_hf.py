@@ -1,19 +1,19 @@
 """Hugging Face Alpha-CLIP: parity with the core and with stock CLIP, loading, processor, export."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+from conftest import import_or_skip  # noqa: E402
+import_or_skip("transformers")
 
 import alphaclip_plugins.integrations.hf as ahf  # noqa: E402
 from alphaclip_plugins import create_model, tokenize  # noqa: E402
 from alphaclip_plugins.core.alpha import ALPHA_FOREGROUND, encode_alpha  # noqa: E402
 from alphaclip_plugins.core.checkpoint import save_official  # noqa: E402
 from alphaclip_plugins.core.config import get_config  # noqa: E402
-from alphaclip_plugins.core.convert import alphaclip_to_hf  # noqa: E402
+from alphaclip_plugins.core.convert import from_alphaclip  # noqa: E402
 from alphaclip_plugins.core.processor import RegionProcessor  # noqa: E402
 from alphaclip_plugins.core.vision import VisionTransformer  # noqa: E402
 from conftest import HF_TINY_VISION, random_alpha, random_alpha_conv_  # noqa: E402
@@ -40,7 +40,7 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _hf_from_core(core: VisionTransformer) -> ahf.AlphaCLIPVisionModelWithProjection:
     model = ahf.AlphaCLIPVisionModelWithProjection(ahf.AlphaCLIPVisionConfig(**TINY)).eval()
-    model.load_state_dict(alphaclip_to_hf({"visual." + k: v for k, v in core.state_dict().items()}), strict=True)
+    model.load_state_dict(from_alphaclip({"visual." + k: v for k, v in core.state_dict().items()}, "hf"), strict=True)
     return model
 
 
@@ -243,7 +243,7 @@ def test_parity_full_size_vit_b16():
     config = ahf.AlphaCLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                        num_attention_heads=12, image_size=224, patch_size=16, projection_dim=512)
     hf = ahf.AlphaCLIPVisionModelWithProjection(config).eval()
-    hf.load_state_dict(alphaclip_to_hf({"visual." + k: v for k, v in core.state_dict().items()}), strict=True)
+    hf.load_state_dict(from_alphaclip({"visual." + k: v for k, v in core.state_dict().items()}, "hf"), strict=True)
     image, alpha = torch.randn(1, 3, 224, 224), random_alpha(1, 224)
     ref = core(image, alpha)
     assert _diff(hf(torch.cat([image, alpha], dim=1)).image_embeds, ref) < TOL

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+from conftest import import_or_skip  # noqa: E402
+import_or_skip("transformers")
 
 import alphaclip_plugins.integrations.hf as ahf  # noqa: E402
 from conftest import HF_TINY_VISION, random_alpha  # noqa: E402

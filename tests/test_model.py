@@ -7,7 +7,7 @@ import torch
 from alphaclip_plugins import create_model, tokenize
 from alphaclip_plugins.core.alpha import ALPHA_FOREGROUND, encode_alpha
 from alphaclip_plugins.core.checkpoint import load_checkpoint
-from conftest import random_alpha, random_alpha_conv_
+from conftest import import_or_skip, random_alpha, random_alpha_conv_
 
 TOL = 1e-5
 
@@ -18,7 +18,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.slow
 def test_parity_open_clip_vit_b16_full_size():
-    open_clip = pytest.importorskip("open_clip")
+    open_clip = import_or_skip("open_clip")
     torch.manual_seed(0)
     ref = open_clip.create_model("ViT-B-16-quickgelu").eval()
     model = create_model("ViT-B/16")
@@ -33,7 +33,7 @@ def test_parity_open_clip_vit_b16_full_size():
 
 
 def test_parity_open_clip_gelu_tiny():
-    open_clip = pytest.importorskip("open_clip")
+    open_clip = import_or_skip("open_clip")
     from open_clip.model import CLIP
 
     torch.manual_seed(0)
@@ -48,7 +48,7 @@ def test_parity_open_clip_gelu_tiny():
 
 
 def test_parity_transformers_clip_model():
-    transformers = pytest.importorskip("transformers")
+    transformers = import_or_skip("transformers")
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
@@ -74,7 +74,7 @@ def test_parity_transformers_clip_model():
 
 
 def test_parity_timm_clip_vit():
-    timm = pytest.importorskip("timm")
+    timm = import_or_skip("timm")
     torch.manual_seed(0)
     ref = timm.create_model("vit_base_patch16_clip_quickgelu_224", pretrained=False, img_size=32, patch_size=8,
                             embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0, num_classes=32).eval()

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-open_clip = pytest.importorskip("open_clip")
+from conftest import import_or_skip  # noqa: E402
+open_clip = import_or_skip("open_clip")
 
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP  # noqa: E402
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-timm = pytest.importorskip("timm")
+from conftest import import_or_skip  # noqa: E402
+timm = import_or_skip("timm")
 
 from PIL import Image  # noqa: E402
 

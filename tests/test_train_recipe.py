@@ -5,6 +5,8 @@ import math
 
 import pytest
 import torch
+
+from conftest import import_or_skip
 import torch.nn.functional as F
 
 from alphaclip_plugins import create_model, from_pretrained, tokenize
@@ -123,7 +125,7 @@ def test_grad_checkpointing_and_bf16_autocast_train(tmp_path, manifest):
 
 
 def test_lora_trains_adapters_and_exports_a_plain_model(tmp_path, manifest):
-    pytest.importorskip("peft")
+    import_or_skip("peft")
     cfg = config_from_dict(tiny_config(tmp_path, manifest, steps=3, **{"model.lora_rank": 4}))
     model = build_model(cfg, torch.device("cpu"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -5,7 +5,7 @@ state dicts load strictly. Attention runs through ``F.scaled_dot_product_attenti
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +103,8 @@ class Transformer(nn.Module):
             return checkpoint(block, x, is_causal, use_reentrant=False)
         return block(x, is_causal)
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False, depth: Optional[int] = None) -> torch.Tensor:
-        for i in range(len(self.resblocks) if depth is None else depth):
+    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        for i in range(len(self.resblocks)):
             x = self.run_block(i, x, is_causal)
         return x
 

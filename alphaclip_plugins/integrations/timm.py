@@ -16,7 +16,7 @@ CLIP with a zero alpha conv), open_clip, Hugging Face and timm files.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Tuple
 
 from . import require
 

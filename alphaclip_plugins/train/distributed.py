@@ -168,9 +168,5 @@ def no_grad_sync(module: nn.Module, skip: bool) -> Iterator[None]:
         yield
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
-
 def is_fsdp(module: Optional[nn.Module]) -> bool:
     return module is not None and type(module).__name__.startswith("FSDP")

@@ -141,7 +141,8 @@ class DataHealth:
         self.check()
 
     def check(self) -> None:
-        if self.bad and self.bad > self.max_bad_fraction * self.tried and self.tried >= 100:
+        nothing_read = self.bad == self.tried
+        if self.bad and self.bad > self.max_bad_fraction * self.tried and (self.tried >= 100 or nothing_read):
             names = "\n  ".join(f"{n}: {r}" for n, r in self.examples)
             raise DataError(
                 f"{self.bad} of {self.tried} samples ({self.bad / self.tried:.1%}) could not be read, more than "

@@ -11,7 +11,6 @@ import glob
 import json
 import os
 import tarfile
-from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 import numpy as np
@@ -143,8 +142,3 @@ def member_opener(files: Files):
         return files[ext]
 
     return open_member
-
-
-def shard_sample_count(path: Union[str, Path]) -> int:
-    """Number of samples in a shard (reads its headers)."""
-    return sum(1 for _ in read_shard(str(path)))

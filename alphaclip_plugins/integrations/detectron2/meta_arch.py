@@ -1,7 +1,7 @@
 """``AlphaGeneralizedRCNN``: GeneralizedRCNN for RGB + alpha, any checkpoint layout, Alpha-CLIP re-scoring."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer

@@ -1,24 +1,24 @@
 """Checkpoints of any layout -> transformers models: ``export_hf`` and ``load_alpha_weights``.
 
-Weights go through the core converters (``read_state_dict`` -> ``to_alphaclip`` -> ``alphaclip_to_hf``);
-sizes are read from the weights (``describe``) and completed from the architecture table, so any file
-the core loads becomes a ``save_pretrained`` directory that ``AutoModel`` reads.
+Weights come through the core resolver (``core.weights``: read, convert, check, resample) and leave in
+the Hugging Face layout (``from_alphaclip(..., "hf")``); sizes are read from the weights and completed
+from the architecture table, so any file the core loads becomes a ``save_pretrained`` directory that
+``AutoModel`` reads.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, PreTrainedModel
 
-from ...core.checkpoint import LoadResult, describe, match_architecture
-from ...core.config import ARCHITECTURES, CLIPConfig, TextConfig, VisionConfig
-from ...core.convert import alphaclip_to_hf, detect_format, strip_prefix, to_alphaclip
-from ...core.io import CheckpointError, PathLike, read_state_dict
-from ...core.vision import resample_pos_embed
+from ...core.config import CLIPConfig, VisionConfig
+from ...core.convert import from_alphaclip
+from ...core.io import CheckpointError, PathLike
+from ...core.weights import LoadReport, Weights, infer_config, read_weights, resolve
 from .configuration import AlphaCLIPConfig, AlphaCLIPVisionConfig
 from .modeling import AlphaCLIPModel, AlphaCLIPVisionModel, AlphaCLIPVisionModelWithProjection
 from .processing import AlphaCLIPImageProcessor
@@ -27,49 +27,29 @@ Source = Union[PathLike, nn.Module, Mapping[str, torch.Tensor]]
 _CORE_CONFIG = "alphaclip_config.json"  # written by alphaclip_plugins.save_pretrained
 
 
-def _canonical(source: Source) -> tuple[Dict[str, torch.Tensor], Optional[CLIPConfig]]:
-    """Any source -> (canonical-layout state dict, its core config where one is known)."""
-    cfg = None
+def _read(source: Source) -> tuple[Weights, Optional[CLIPConfig]]:
+    """Any source -> (canonical weights, its core config where one is known)."""
     if isinstance(source, nn.Module):
         cfg = getattr(source, "cfg", None)
         sd = dict(source.state_dict())
         if isinstance(cfg, VisionConfig):  # a bare core vision tower
             sd, cfg = {"visual." + k: v for k, v in sd.items()}, CLIPConfig(vision=cfg, text=None)
-        return to_alphaclip(sd), cfg if isinstance(cfg, CLIPConfig) else None
+        return read_weights(sd, type(source).__name__), cfg if isinstance(cfg, CLIPConfig) else None
     if isinstance(source, Mapping):
-        return to_alphaclip(source), None
-    path = Path(source)
+        return read_weights(source), None
+    path, cfg = Path(source), None
     if (path / _CORE_CONFIG).is_file():
         cfg = CLIPConfig.from_dict(json.loads((path / _CORE_CONFIG).read_text())["config"])
-    return to_alphaclip(read_state_dict(path)), cfg
+    return read_weights(path), cfg
 
 
-def _infer_config(sd: Mapping[str, torch.Tensor], cfg: Optional[CLIPConfig], act: Optional[str]) -> CLIPConfig:
-    """Complete what the weights say (widths, depths, sizes) with heads and activation from the table."""
-    facts = describe(sd)
-    if "vision_width" not in facts:
-        raise CheckpointError("the checkpoint has no vision tower (no 'visual.conv1.weight' after conversion)")
-    if cfg is None:
-        name = match_architecture(facts)
-        base = ARCHITECTURES[name] if name else CLIPConfig()
-        width, text_width = facts["vision_width"], facts.get("text_width")
-        vision = VisionConfig(
-            image_size=facts["image_size"], patch_size=facts["patch_size"], width=width,
-            layers=facts["vision_layers"], mlp_dim=facts["vision_mlp_dim"],
-            heads=base.vision.heads if name else max(1, width // 64),  # OpenAI/open_clip ViTs: 64-wide heads
-            embed_dim=facts.get("embed_dim") or width, act=base.vision.act,
-        )
-        text = None
-        if text_width is not None:
-            text = TextConfig(
-                context_length=facts["context_length"], vocab_size=facts["vocab_size"], width=text_width,
-                layers=facts["text_layers"], heads=base.text.heads if name else max(1, text_width // 64),
-                embed_dim=vision.embed_dim, act=base.vision.act,
-            )
-        cfg = CLIPConfig(vision=vision, text=text)
-    if act is not None:
-        cfg = cfg.replace(vision_act=act, **({"text_act": act} if cfg.text is not None else {}))
-    return cfg
+def vision_config(config: AlphaCLIPVisionConfig, embed_dim: Optional[int] = None) -> VisionConfig:
+    """The core config of a transformers CLIP vision config (``embed_dim`` defaults to its projection_dim)."""
+    return VisionConfig(
+        image_size=config.image_size, patch_size=config.patch_size, width=config.hidden_size,
+        layers=config.num_hidden_layers, heads=config.num_attention_heads, mlp_dim=config.intermediate_size,
+        embed_dim=embed_dim or config.projection_dim, act=config.hidden_act, ln_eps=config.layer_norm_eps,
+    )
 
 
 def hf_configs(cfg: CLIPConfig) -> tuple[AlphaCLIPVisionConfig, Optional[CLIPTextConfig]]:
@@ -99,31 +79,39 @@ def build_hf_model(source: Source, act: Optional[str] = None) -> PreTrainedModel
         act: ``"quick_gelu"`` or ``"gelu"`` when the architecture table does not know the weights
             (OpenAI and official Alpha-CLIP weights are QuickGELU, LAION weights GELU).
     """
-    sd, cfg = _canonical(source)
-    cfg = _infer_config(sd, cfg, act)
+    weights, cfg = _read(source)
+    cfg = cfg or infer_config(weights, act)
+    if act is not None:
+        cfg = cfg.replace(vision_act=act, **({"text_act": act} if cfg.text is not None else {}))
     vision, text = hf_configs(cfg)
-    has_proj = "visual.proj" in sd
+    sd, _ = resolve(weights, cfg if cfg.text is not None else cfg.vision, strict=False)
+    if cfg.text is None:
+        sd = {"visual." + k: v for k, v in sd.items()}
     if text is not None and "logit_scale" in sd:
         model: PreTrainedModel = AlphaCLIPModel(AlphaCLIPConfig(
             vision_config=vision, text_config=text, projection_dim=vision.projection_dim,
             logit_scale_init_value=float(sd["logit_scale"]),
         ))
-    elif has_proj:
+    elif "visual.proj" in weights.state_dict:
         model = AlphaCLIPVisionModelWithProjection(vision)
     else:
         model = AlphaCLIPVisionModel(vision)
-    hf = alphaclip_to_hf(sd)
-    if isinstance(model, AlphaCLIPVisionModel):
+    _load_hf(model, from_alphaclip(sd, "hf"), weights.source)
+    return model.to(weights.state_dict["visual.conv1.weight"].dtype).eval()
+
+
+def _load_hf(model: PreTrainedModel, hf: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load HF-layout weights (``vision_model.*`` ...) into ``model``, whichever of them it has, strictly."""
+    own = model.state_dict()
+    if not any(k.startswith("vision_model.") for k in own):  # a bare vision tower holds its keys unprefixed
         hf = {k[len("vision_model."):]: v for k, v in hf.items() if k.startswith("vision_model.")}
-    elif not isinstance(model, AlphaCLIPModel):
-        hf = {k: v for k, v in hf.items() if k.startswith(("vision_model.", "visual_projection."))}
-    missing, unexpected = model.load_state_dict(hf, strict=False)
-    missing = [k for k in missing if not k.endswith("patch_embedding_alpha.weight")]  # plain CLIP: stays zero
+    hf = {k: v for k, v in hf.items() if k in own or k.startswith("vision_model.")}  # a vision model: no text tower
+    missing = [k for k in own if k not in hf]
+    unexpected = [k for k in hf if k not in own]
     if missing or unexpected:
-        raise CheckpointError(
-            f"the converted checkpoint does not fit the model: missing {missing}, unexpected {unexpected}"
-        )
-    return model.to(sd["visual.conv1.weight"].dtype).eval()
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: missing {missing[:4] or 'nothing'}, "
+                              f"unexpected {unexpected[:4] or 'nothing'}")
+    model.load_state_dict(hf, strict=True)
 
 
 def export_hf(model_or_checkpoint: Source, out_dir: PathLike, act: Optional[str] = None) -> PreTrainedModel:
@@ -151,43 +139,22 @@ def export_hf(model_or_checkpoint: Source, out_dir: PathLike, act: Optional[str]
 
 def load_alpha_weights(
     tower: AlphaCLIPVisionModel, checkpoint: Union[PathLike, Mapping[str, torch.Tensor]]
-) -> LoadResult:
+) -> LoadReport:
     """Load an Alpha-CLIP vision checkpoint (any layout, e.g. an official ``.pth``) into an HF tower, in place.
 
-    Positional embeddings of another grid are resized (bicubic). A projection in the file is ignored:
-    a bare tower has none.
+    The checkpoint goes through the core resolver: positional embeddings of another grid are resized
+    (bicubic), a plain CLIP file leaves a zero alpha conv, and the architecture is checked. A projection
+    in the file is ignored: a bare tower has none.
 
     Returns:
-        The core ``LoadResult``; ``new_alpha`` is True when the file had no alpha conv (plain CLIP weights).
+        The core ``LoadReport``; ``new_alpha`` is True when the file had no alpha conv (plain CLIP weights).
 
     Raises:
         CheckpointError: the checkpoint has no vision tower, or one of another width, depth or patch size.
     """
-    source = "the state dict" if isinstance(checkpoint, Mapping) else str(checkpoint)
-    raw = strip_prefix(checkpoint if isinstance(checkpoint, Mapping) else read_state_dict(checkpoint), "module.")
-    vis = {k: v for k, v in to_alphaclip(raw).items() if k.startswith("visual.")}
-    if "visual.conv1.weight" not in vis:
-        raise CheckpointError(f"{source} holds no vision tower")
-    own = tower.state_dict()
-    positions = own["embeddings.position_embedding.weight"].shape[0]
-    if vis["visual.positional_embedding"].shape[0] != positions:
-        g = int(round((positions - 1) ** 0.5))
-        vis["visual.positional_embedding"] = resample_pos_embed(vis["visual.positional_embedding"], (g, g))
-    hf = {k[len("vision_model."):]: v for k, v in alphaclip_to_hf(vis).items() if k.startswith("vision_model.")}
-    wrong = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in hf.items() if k in own and v.shape != own[k].shape
-    ]
-    new_alpha = "embeddings.patch_embedding_alpha.weight" not in hf
-    missing = [k for k in own if k not in hf and not (new_alpha and k.endswith("patch_embedding_alpha.weight"))]
-    unexpected = [k for k in hf if k not in own]
-    if wrong or missing or unexpected:
-        raise CheckpointError(
-            f"{source} does not fit this vision tower: "
-            + "; ".join(filter(None, [
-                f"shapes (file vs tower) {', '.join(wrong[:4])}" if wrong else "",
-                f"missing {missing[:4]}" if missing else "", f"unexpected {unexpected[:4]}" if unexpected else "",
-            ]))
-            + ". Use the Alpha-CLIP weights of the tower's architecture"
-        )
-    tower.load_state_dict(hf, strict=False)
-    return LoadResult(detect_format(raw), [], [], new_alpha)
+    weights = read_weights(checkpoint)
+    target = vision_config(tower.config, embed_dim=int(weights.facts().get("embed_dim") or 0) or None)
+    sd, report = resolve(weights, target, strict=False)
+    report.check(allow_missing=("proj",))  # a bare tower has no projection
+    _load_hf(tower, from_alphaclip({"visual." + k: v for k, v in sd.items() if k != "proj"}, "hf"), report.source)
+    return report
