@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,43 +12,8 @@ from alphaclip_plugins import create_model, from_pretrained, save_pretrained
 from alphaclip_plugins.core.checkpoint import export_state_dict, load_checkpoint, save_official, save_weights
 from alphaclip_plugins.core.convert import FORMATS, detect_format, from_alphaclip, to_alphaclip
 from alphaclip_plugins.core.io import CheckpointError, read_state_dict
+from checkpoint_files import official_layout, openai_layout, torchscript_archive
 from conftest import import_or_skip, HF_TINY_VISION, random_alpha, random_alpha_conv_
-
-
-def _openai_layout(model) -> dict:
-    """OpenAI CLIP's state dict of a plain CLIP (no alpha), with the metadata entries its archives carry."""
-    sd = {k: v.clone() for k, v in model.state_dict().items() if "conv1_alpha" not in k}
-    sd.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
-    return sd
-
-
-def _official_layout(model) -> dict:
-    """An official Alpha-CLIP release file: vision tower only, no prefix, `attn.in_proj.weight` (nn.Linear)."""
-    out = {}
-    for k, v in model.visual.state_dict().items():
-        k = k.replace("attn.in_proj_weight", "attn.in_proj.weight").replace("attn.in_proj_bias", "attn.in_proj.bias")
-        out[k] = v.clone()
-    return out
-
-
-def _torchscript_archive(sd: dict, path: Path) -> None:
-    """Write ``sd`` as a TorchScript archive, like OpenAI's ``ViT-B-16.pt``."""
-
-    class Holder(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x
-
-    root = Holder()
-    for key, value in sd.items():
-        *parents, leaf = key.split(".")
-        module = root
-        for p in parents:
-            if not hasattr(module, p):
-                module.add_module(p, Holder())
-            module = getattr(module, p)
-        module.register_parameter(leaf, nn.Parameter(value, requires_grad=False)) if value.is_floating_point() \
-            else module.register_buffer(leaf, value)
-    torch.jit.save(torch.jit.script(root), str(path))
 
 
 def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
@@ -73,8 +37,8 @@ def clip_source():
 
 def test_openai_torchscript_archive_then_official_alpha_pth(tmp_path, clip_source):
     clip, alpha = clip_source
-    _torchscript_archive(_openai_layout(clip), tmp_path / "ViT-tiny.pt")
-    torch.save(_official_layout(alpha), tmp_path / "clip_tiny_grit1m_fultune_8xe.pth")
+    torchscript_archive(openai_layout(clip), tmp_path / "ViT-tiny.pt")
+    torch.save(official_layout(alpha), tmp_path / "clip_tiny_grit1m_fultune_8xe.pth")
     model = create_model("tiny", pretrained=tmp_path / "ViT-tiny.pt",
                          alpha_checkpoint=tmp_path / "clip_tiny_grit1m_fultune_8xe.pth")
     reports = [load_checkpoint(create_model("tiny"), tmp_path / "ViT-tiny.pt"),
@@ -90,7 +54,7 @@ def test_openai_torchscript_archive_then_official_alpha_pth(tmp_path, clip_sourc
 
 def test_training_checkpoint_with_module_prefix_and_open_clip_nesting(tmp_path, clip_source):
     _, alpha = clip_source
-    torch.save({"module." + k: v for k, v in _official_layout(alpha).items()}, tmp_path / "ddp.pth")
+    torch.save({"module." + k: v for k, v in official_layout(alpha).items()}, tmp_path / "ddp.pth")
     torch.save({"epoch": 3, "name": "run", "state_dict": {"module." + k: v for k, v in alpha.state_dict().items()}},
                tmp_path / "epoch_3.pt")
     a = create_model("tiny", alpha_checkpoint=tmp_path / "ddp.pth")
@@ -181,7 +145,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
 
 def test_wrong_architecture_names_what_the_file_holds(tmp_path):
     big = create_model("tiny", vision_width=128, vision_heads=4)
-    torch.save(_official_layout(big), tmp_path / "other.pth")
+    torch.save(official_layout(big), tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match=r"vision_width 128.*the model is tiny"):
         create_model("tiny", alpha_checkpoint=tmp_path / "other.pth")
 
@@ -234,7 +198,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, clip_source, monkeypatch
 
 def test_larger_image_size_resamples_positions(tmp_path, clip_source):
     _, alpha = clip_source
-    torch.save(_official_layout(alpha), tmp_path / "a.pth")
+    torch.save(official_layout(alpha), tmp_path / "a.pth")
     model = create_model("tiny", alpha_checkpoint=tmp_path / "a.pth", vision_image_size=48)
     assert model.visual.positional_embedding.shape == (37, 64)
     with torch.no_grad():

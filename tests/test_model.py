@@ -7,7 +7,7 @@ import torch
 from alphaclip_plugins import create_model, tokenize
 from alphaclip_plugins.core.alpha import ALPHA_FOREGROUND, encode_alpha
 from alphaclip_plugins.core.checkpoint import load_checkpoint
-from conftest import import_or_skip, random_alpha, random_alpha_conv_
+from conftest import import_or_skip, random_alpha
 
 TOL = 1e-5
 

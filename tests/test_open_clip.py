@@ -4,12 +4,12 @@ from __future__ import annotations
 import copy
 import pickle
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from checkpoint_files import official_file  # noqa: E402
 from conftest import import_or_skip  # noqa: E402
 open_clip = import_or_skip("open_clip")
 
@@ -175,17 +175,10 @@ def test_standard_configs_convert_both_ways(name):
     assert type(ours.visual.transformer.resblocks[0].mlp.gelu) is type(theirs.visual.transformer.resblocks[0].mlp.gelu)
 
 
-def _official_file(model: AlphaCLIP, path: Path) -> Path:
-    """An official release file: vision tower only, no prefix, ``attn.in_proj.weight`` (an nn.Linear)."""
-    sd = {k.replace("attn.in_proj_", "attn.in_proj."): v.clone() for k, v in model.visual.state_dict().items()}
-    torch.save(sd, path)
-    return path
-
-
 def test_official_checkpoint_loads(tiny_model, tmp_path):
     model = _tiny_open_clip(quick_gelu=True)
     text_before = copy.deepcopy(model.transformer.state_dict())
-    result = load_alpha_checkpoint(model, _official_file(tiny_model, tmp_path / "clip_tiny_grit1m.pth"))
+    result = load_alpha_checkpoint(model, official_file(tiny_model, tmp_path / "clip_tiny_grit1m.pth"))
     assert result.format == "official"
     image, alpha, _ = _batch()
     with torch.no_grad():
@@ -194,12 +187,12 @@ def test_official_checkpoint_loads(tiny_model, tmp_path):
 
 
 def test_official_checkpoint_checks_architecture_and_activation(tiny_model, tmp_path):
-    path = _official_file(tiny_model, tmp_path / "clip_tiny_grit1m.pth")
+    path = official_file(tiny_model, tmp_path / "clip_tiny_grit1m.pth")
     with pytest.warns(UserWarning, match="QuickGELU"):
         load_alpha_checkpoint(_tiny_open_clip(quick_gelu=False), path)
     wide = create_model("tiny", vision_width=128)
     with pytest.raises(CheckpointError, match="vision_width"):
-        load_alpha_checkpoint(_tiny_open_clip(quick_gelu=True), _official_file(wide, tmp_path / "wide.pth"))
+        load_alpha_checkpoint(_tiny_open_clip(quick_gelu=True), official_file(wide, tmp_path / "wide.pth"))
 
 
 def test_copies_and_pickles_keep_alpha():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from checkpoint_files import official_file, openai_file  # noqa: E402
 from conftest import import_or_skip  # noqa: E402
 timm = import_or_skip("timm")
 
@@ -25,36 +26,6 @@ from conftest import random_alpha, random_alpha_conv_  # noqa: E402
 
 TINY = "alphaclip_vit_tiny_patch8_32"
 TOL = 1e-5
-
-
-def _official_file(tower: nn.Module, path: Path) -> Path:
-    """An official release file: the vision tower only, no prefix, ``attn.in_proj.weight`` (an nn.Linear)."""
-    sd = {k.replace("attn.in_proj_", "attn.in_proj."): v.clone() for k, v in tower.state_dict().items()}
-    torch.save(sd, path)
-    return path
-
-
-def _openai_file(model: nn.Module, path: Path, torchscript: bool) -> Path:
-    """OpenAI CLIP's full state dict (both towers, no alpha conv, archive metadata entries).
-
-    As a plain pickle, or as the TorchScript archive OpenAI released (its buffers named like the state dict).
-    """
-    sd = {k: v.clone() for k, v in model.state_dict().items() if "conv1_alpha" not in k}
-    sd.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
-    if not torchscript:
-        torch.save(sd, path)
-        return path
-    root = nn.Module()
-    for key, value in sd.items():
-        *parents, leaf = key.split(".")
-        module = root
-        for name in parents:
-            if not hasattr(module, name):
-                module.add_module(name, nn.Module())
-            module = getattr(module, name)
-        module.register_buffer(leaf, value)
-    torch.jit.save(torch.jit.script(root), str(path))
-    return path
 
 
 def _create(tag: str, file: Path, **kwargs) -> nn.Module:
@@ -88,7 +59,7 @@ def test_models_and_tags_are_registered():
 
 
 def test_official_file_matches_core(tower, tmp_path):
-    model = _create("grit1m", _official_file(tower, tmp_path / "clip_tiny_grit1m.pth")).eval()
+    model = _create("grit1m", official_file(tower, tmp_path / "clip_tiny_grit1m.pth")).eval()
     rgb, alpha, rgba = _inputs()
     with torch.no_grad():
         assert (model(rgba) - tower(rgb, alpha)).abs().max() < TOL
@@ -105,7 +76,7 @@ def test_official_file_matches_core(tower, tmp_path):
 
 @pytest.mark.parametrize("torchscript", [False, True])
 def test_openai_file_gives_zero_alpha_and_equals_clip(tiny_model, tmp_path, torchscript):
-    model = _create("openai", _openai_file(tiny_model, tmp_path / "ViT-tiny.pt", torchscript)).eval()
+    model = _create("openai", openai_file(tiny_model, tmp_path / "ViT-tiny.pt", torchscript)).eval()
     assert not model.patch_embed.proj_alpha.weight.any()
     rgb, alpha, rgba = _inputs()
     with torch.no_grad():
@@ -151,7 +122,7 @@ def test_missing_file_names_the_release_file():
 def test_other_architecture_is_refused(tmp_path):
     wide = create_model("tiny", vision_width=128)
     with pytest.raises(CheckpointError, match="vision_width"):
-        _create("grit1m", _official_file(wide.visual, tmp_path / "wide.pth"))
+        _create("grit1m", official_file(wide.visual, tmp_path / "wide.pth"))
 
 
 def test_data_config_normalises_four_channels():
@@ -179,7 +150,7 @@ def test_three_channels_are_the_whole_image(tower):
 
 
 def test_features_only(tower, tmp_path):
-    feats = _create("grit1m", _official_file(tower, tmp_path / "t.pth"), features_only=True, out_indices=(0, 1)).eval()
+    feats = _create("grit1m", official_file(tower, tmp_path / "t.pth"), features_only=True, out_indices=(0, 1)).eval()
     assert feats.feature_info.reduction() == [8, 8] and feats.feature_info.channels() == [64, 64]
     rgb, alpha, rgba = _inputs()
     with torch.no_grad():
@@ -208,7 +179,7 @@ def test_grad_checkpointing_gives_same_outputs_and_grads(tower):
 
 
 def test_classifier_fine_tuning(tower, tmp_path):
-    model = _create("grit1m", _official_file(tower, tmp_path / "t.pth"), num_classes=10)
+    model = _create("grit1m", official_file(tower, tmp_path / "t.pth"), num_classes=10)
     assert isinstance(model.head, nn.Linear) and model.head.out_features == 10
     assert torch.equal(model.patch_embed.proj_alpha.weight, tower.conv1_alpha.weight)
     _, _, rgba = _inputs()
