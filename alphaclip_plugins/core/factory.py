@@ -10,7 +10,7 @@ import torch
 from .checkpoint import LoadResult, describe, load_checkpoint, match_architecture
 from .config import CLIPConfig, get_config
 from .convert import to_alphaclip
-from .io import CheckpointError, PathLike, read_state_dict, save_safetensors, write_json
+from .io import CheckpointError, PathLike, atomic_directory, read_state_dict, save_safetensors, write_json
 from .model import AlphaCLIP
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -73,11 +73,15 @@ def _infer_name(path: PathLike) -> str:
     return name
 
 
-def save_pretrained(model: AlphaCLIP, directory: PathLike) -> None:
-    """Write ``model.safetensors`` and ``alphaclip_config.json`` into ``directory`` (atomically each)."""
-    directory = Path(directory)
-    save_safetensors(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "alphaclip"})
-    write_json({"config": model.cfg.to_dict(), "library": "alphaclip-plugins"}, directory / CONFIG_NAME)
+def save_pretrained(model: AlphaCLIP, directory: PathLike, overwrite: bool = False) -> None:
+    """Write ``model.safetensors`` and ``alphaclip_config.json`` into ``directory``, all-or-nothing.
+
+    The files are written into a temporary sibling that is renamed into place, so a failure leaves no new
+    weights beside an old config. An existing ``directory`` is replaced whole, and only with ``overwrite=True``.
+    """
+    with atomic_directory(directory, overwrite, marker=CONFIG_NAME) as tmp:
+        save_safetensors(model.state_dict(), tmp / WEIGHTS_NAME, metadata={"format": "alphaclip"})
+        write_json({"config": model.cfg.to_dict(), "library": "alphaclip-plugins"}, tmp / CONFIG_NAME)
 
 
 def from_pretrained(

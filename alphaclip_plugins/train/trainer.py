@@ -225,7 +225,7 @@ def _export(cfg: TrainConfig, env: DistEnv, model: AlphaCLIP, out: Path, fsdp: b
             model.load_state_dict(full)
     if env.main:
         model = merge_lora(model).to(_DTYPES[cfg.export.dtype])
-        save_pretrained(model, target)
+        save_pretrained(model, target, overwrite=True)  # this run's export: replace an earlier one whole
         if cfg.export.official:
             save_official(model, target / "alphaclip_visual.pth")
     barrier(env)

@@ -17,7 +17,7 @@ from transformers import CLIPTextConfig, PreTrainedModel
 from ...core.checkpoint import LoadResult, describe, match_architecture
 from ...core.config import ARCHITECTURES, CLIPConfig, TextConfig, VisionConfig
 from ...core.convert import alphaclip_to_hf, detect_format, strip_prefix, to_alphaclip
-from ...core.io import CheckpointError, PathLike, read_state_dict
+from ...core.io import CheckpointError, PathLike, atomic_directory, read_state_dict
 from ...core.vision import resample_pos_embed
 from .configuration import AlphaCLIPConfig, AlphaCLIPVisionConfig
 from .modeling import AlphaCLIPModel, AlphaCLIPVisionModel, AlphaCLIPVisionModelWithProjection
@@ -126,7 +126,9 @@ def build_hf_model(source: Source, act: Optional[str] = None) -> PreTrainedModel
     return model.to(sd["visual.conv1.weight"].dtype).eval()
 
 
-def export_hf(model_or_checkpoint: Source, out_dir: PathLike, act: Optional[str] = None) -> PreTrainedModel:
+def export_hf(
+    model_or_checkpoint: Source, out_dir: PathLike, act: Optional[str] = None, overwrite: bool = False
+) -> PreTrainedModel:
     """Write a transformers model directory (``config.json``, ``model.safetensors``, ``preprocessor_config.json``).
 
     Two towers become an :class:`AlphaCLIPModel` (``AutoModel.from_pretrained`` loads it); a vision tower
@@ -138,14 +140,16 @@ def export_hf(model_or_checkpoint: Source, out_dir: PathLike, act: Optional[str]
         model_or_checkpoint: a checkpoint path (file or directory, any layout), a core model or a state dict.
         out_dir: the directory to write.
         act: activation override, see :func:`build_hf_model`.
+        overwrite: replace an existing ``out_dir`` (whole: no file of an earlier export stays).
 
     Returns:
         The exported model (in the checkpoint's dtype).
     """
     model = build_hf_model(model_or_checkpoint, act=act)
-    model.save_pretrained(out_dir)
     vision = getattr(model.config, "vision_config", model.config)
-    AlphaCLIPImageProcessor(image_size=vision.image_size).save_pretrained(out_dir)
+    with atomic_directory(out_dir, overwrite, marker="config.json") as tmp:  # all-or-nothing
+        model.save_pretrained(tmp)
+        AlphaCLIPImageProcessor(image_size=vision.image_size).save_pretrained(tmp)
     return model
 
 
