@@ -26,6 +26,33 @@ TEMPLATES: Dict[str, Tuple[str, ...]] = {
 }
 
 Templates = Union[str, Sequence[str]]
+
+
+def _prompts(templates: Templates) -> Tuple[str, ...]:
+    """A prompt set's name or a list of templates -> templates, each with exactly one ``{}`` for the class."""
+    if isinstance(templates, str):
+        if templates not in TEMPLATES:
+            raise ValueError(f"unknown prompt set {templates!r}; use one of {sorted(TEMPLATES)} or a list of "
+                             f"templates such as ['a photo of a {{}}.']")
+        return TEMPLATES[templates]
+    prompts = tuple(templates)
+    bad = [t for t in prompts if not isinstance(t, str) or t.count("{}") != 1 or t.replace("{}", "").count("{")]
+    if not prompts or bad:
+        raise ValueError(f"each template needs exactly one '{{}}' where the class name goes (and no other braces); "
+                         f"got {bad[:3] if bad else 'no templates'}")
+    return prompts
+
+
+def _labels(labels: Sequence[str]) -> Tuple[str, ...]:
+    if isinstance(labels, str):
+        raise ValueError(f"labels must be a list of class names, not one string ({labels!r} would become "
+                         f"{len(labels)} one-letter classes); pass [{labels!r}]")
+    labels = tuple(labels)
+    if not labels:
+        raise ValueError("labels is empty; pass at least one class name")
+    if not all(isinstance(label, str) and label.strip() for label in labels):
+        raise ValueError(f"every label must be a non-empty string; got {[x for x in labels if not isinstance(x, str) or not x.strip()][:3]}")
+    return labels
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, Dict[Any, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
@@ -46,9 +73,7 @@ def text_classifier(
     Results are cached per model and invalidated when the text tower's weights change. ``progress``
     shows a bar (by default when there are more than 4 batches of prompts).
     """
-    prompts = TEMPLATES[templates] if isinstance(templates, str) else tuple(templates)
-    if not labels:
-        raise ValueError("labels is empty; pass at least one class name")
+    prompts, labels = _prompts(templates), _labels(labels)
     key = (tuple(labels), prompts, _text_fingerprint(model))
     cache = _CACHE.setdefault(model, {})
     if key in cache:
