@@ -258,3 +258,13 @@ def test_hf_export_into_a_used_directory_needs_overwrite_and_leaves_no_stale_fil
         ahf.export_hf(create_model("tiny", seed=2), tmp_path / "hf")
     ahf.export_hf(create_model("tiny", seed=2), tmp_path / "hf", overwrite=True)
     assert not (tmp_path / "hf" / "pytorch_model.bin").exists() and (tmp_path / "hf" / "config.json").exists()
+
+
+def test_train_config_refuses_non_positive_sizes_and_unknown_override_keys():
+    from alphaclip_plugins.train.config import load_config
+
+    for item, match in (("steps=-5", "steps must be at least 1"), ("batch_size=0", "batch_size must be at least 1"),
+                        ("model.overrides={vision_widht: 96}", "vision_widht")):
+        with pytest.raises(ValueError, match=match):
+            load_config(None, [item])
+    assert load_config(None, ["model.overrides={vision_width: 96}"]).model.overrides == {"vision_width": 96}

@@ -108,14 +108,7 @@ class CLIPConfig:
         vision = {k[7:]: v for k, v in overrides.items() if k.startswith("vision_")}
         text = {k[5:]: v for k, v in overrides.items() if k.startswith("text_")}
         rest = {k: v for k, v in overrides.items() if not k.startswith(("vision_", "text_"))}
-        unknown = set(rest) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise TypeError(f"unknown config overrides {sorted(unknown)}; use vision_<field>, text_<field> or init_logit_scale")
-        for prefix, kind, keys in (("vision_", VisionConfig, vision), ("text_", TextConfig, text)):
-            bad = set(keys) - {f.name for f in dataclasses.fields(kind)}
-            if bad:
-                raise TypeError(f"unknown config overrides {sorted(prefix + k for k in bad)}; {prefix}<field> takes "
-                                f"one of {[f.name for f in dataclasses.fields(kind)]}")
+        check_override_keys(overrides)
         cfg = dataclasses.replace(self, **rest)
         if vision:
             cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **vision))
@@ -125,6 +118,23 @@ class CLIPConfig:
             cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, **text))
         cfg.check()
         return cfg
+
+
+def check_override_keys(keys: Any) -> None:
+    """Refuse override names that are no config field, naming them as typed (``vision_widht``).
+
+    Raises:
+        TypeError: for unknown names.
+    """
+    fields = {"vision_": VisionConfig, "text_": TextConfig}
+    top = {f.name for f in dataclasses.fields(CLIPConfig)} - {"vision", "text"}
+    for key in keys:
+        prefix = next((p for p in fields if key.startswith(p)), None)
+        if prefix is None and key not in top:
+            raise TypeError(f"unknown config override {key!r}; use vision_<field>, text_<field> or init_logit_scale")
+        names = [f.name for f in dataclasses.fields(fields[prefix])] if prefix else []
+        if prefix and key[len(prefix):] not in names:
+            raise TypeError(f"unknown config override {key!r}; {prefix}<field> takes one of {names}")
 
 
 # Upper bounds of the size fields: far above every released model (ViT-bigG: width 1664, 48 layers), far
