@@ -5,9 +5,47 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, NoReturn, Optional, Sequence
 
 from .core.convert import FORMATS
+from .core.zeroshot import TEMPLATES
+
+_PROG = "alphaclip"
+
+
+class Failure(SystemExit):
+    """Exit with ``code`` after ``alphaclip: error: <message>`` was printed; ``str()`` gives the message."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def fail(message: str, code: int = 1) -> "NoReturn":
+    """Print one line ``alphaclip: error: ...`` on stderr and exit (2 for usage errors)."""
+    first = " ".join(str(message).split())  # one line, whatever the exception's text held
+    print(f"{_PROG}: error: {first}", file=sys.stderr)
+    raise Failure(first, code)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> "NoReturn":
+        fail(f"{message} (see {self.prog} --help)", 2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number; got {text!r}")
+    return value
 
 
 def _box(text: str) -> List[float]:
@@ -32,21 +70,21 @@ def _load_model(args: argparse.Namespace):
 
 
 def cmd_classify(args: argparse.Namespace) -> None:
-    from PIL import Image
-
+    from .core.images import open_image, open_mask
     from .core.processor import RegionProcessor
     from .core.zeroshot import classify_regions
 
+    image = open_image(args.image)  # bad inputs fail before the model loads
+    regions: list = [open_mask(m) for m in args.mask] + list(args.box)
+    names = [f"mask {m}" for m in args.mask] + [f"box {','.join(f'{v:g}' for v in b)}" for b in args.box]
     model, default_labels = _load_model(args)
     labels = args.labels or default_labels
     if not labels:
-        sys.exit("error: pass --labels (class names to choose from)")
-    regions: list = [Image.open(m).convert("L") for m in args.mask] + list(args.box)
-    names = [f"mask {m}" for m in args.mask] + [f"box {','.join(f'{v:g}' for v in b)}" for b in args.box]
+        fail("pass --labels (class names to choose from)", 2)
     if not regions:
         regions, names = [None], ["whole image"]
     processor = RegionProcessor(model.visual.cfg.image_size, args.mode)
-    probs = classify_regions(model, Image.open(args.image), regions, labels, args.templates, processor)
+    probs = classify_regions(model, image, regions, labels, args.templates, processor)
     top = probs.topk(min(args.top, len(labels)), dim=-1)
     results = [
         {"region": name, "labels": [labels[i] for i in idx.tolist()], "probs": [round(p, 6) for p in val.tolist()]}
@@ -66,25 +104,31 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .core.factory import create_model, save_pretrained
     from .core.weights import match_architecture, read_weights
 
+    dst = Path(args.dst)
+    if dst.exists() or dst.is_symlink():
+        if not args.force:
+            fail(f"{dst} already exists; pass --force to replace it", 2)
+        if dst.is_dir() != (args.to in ("alphaclip", "hf")):
+            fail(f"{dst} is a {'directory' if dst.is_dir() else 'file'}, but --to {args.to} writes a "
+                 f"{'directory' if args.to in ('alphaclip', 'hf') else 'file'}; choose another destination", 2)
     if args.clip:  # an Alpha-CLIP vision tower plus the text tower of its CLIP
         sd = create_model(args.model, pretrained=args.clip, alpha_checkpoint=args.src).state_dict()
     else:
         sd = read_weights(args.src).state_dict
-    dst = Path(args.dst)
     if args.to == "alphaclip":
         from .core.weights import describe
 
         name = args.model or match_architecture(describe(sd))
         if name is None or "token_embedding.weight" not in sd:
-            sys.exit("error: the alphaclip format holds both towers; pass --clip CLIP_CHECKPOINT for the text "
-                     "tower (and --model ARCH if it is not a known architecture)")
+            fail("the alphaclip format holds both towers; pass --clip CLIP_CHECKPOINT for the text "
+                 "tower (and --model ARCH if it is not a known architecture)", 2)
         model = create_model(name)
         load_checkpoint(model, sd)
-        save_pretrained(model, dst)
+        save_pretrained(model, dst, overwrite=args.force)
     elif args.to == "hf":
         from .integrations.hf import export_hf
 
-        export_hf(sd, dst)
+        export_hf(sd, dst, overwrite=args.force)
     else:
         save_weights(sd, dst, args.to)
     print(f"wrote {dst} ({args.to} layout)")
@@ -114,7 +158,8 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alphaclip", description="Alpha-CLIP, the region-aware CLIP")
+    parser = _Parser(prog=_PROG, description="Alpha-CLIP, the region-aware CLIP")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("classify", help="zero-shot classify regions of an image")
@@ -126,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", help="CLIP checkpoint (OpenAI .pt, open_clip, HF, timm, or a saved directory)")
     p.add_argument("--alpha-checkpoint", help="Alpha-CLIP vision tower (e.g. clip_b16_grit1m_fultune_8xe.pth)")
     p.add_argument("--non-strict", action="store_true", help="load what fits from partial checkpoints")
-    p.add_argument("--templates", default="ovseg", help="prompt set: ovseg (14 prompts) or clip (1 prompt)")
+    p.add_argument("--templates", default="ovseg", choices=sorted(TEMPLATES),
+                   help="prompt set: ovseg (14 prompts) or clip (1 prompt)")
     p.add_argument("--mode", default="pad", choices=["pad", "crop", "squash"], help="geometry of image and mask")
-    p.add_argument("--top", type=int, default=3, help="labels shown per region")
+    p.add_argument("--top", type=_positive_int, default=3, help="labels shown per region")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_classify)
 
@@ -138,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=FORMATS)
     p.add_argument("--clip", help="CLIP checkpoint whose text tower joins an Alpha-CLIP vision tower")
     p.add_argument("--model", default=None, help="architecture (inferred from the file if omitted)")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("info", help="what a checkpoint file holds")
@@ -157,11 +204,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         from .train.cli import main as train_main
 
         return train_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    debug = "--debug" in argv  # accepted anywhere on the line
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: say what, without a traceback
-        sys.exit(f"error: {e}")
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as e:  # every failure is one line; --debug shows where it came from
+        if debug:
+            raise
+        fail(_describe(e))
+
+
+def _describe(e: Exception) -> str:
+    """An exception as the user should read it: the message, with the kind where the message alone is unclear."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    text = str(e) or type(e).__name__
+    if isinstance(e, (ValueError, FileNotFoundError)):
+        return text
+    return f"{type(e).__name__}: {text} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":

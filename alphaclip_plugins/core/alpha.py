@@ -31,19 +31,20 @@ def encode_alpha(mask: torch.Tensor) -> torch.Tensor:
 
 
 def mask_to_float(mask: Any, name: str = "mask") -> np.ndarray:
-    """A mask as float32 in [0, 1], from bool, uint8 (0-1 or 0-255), float in [0, 1], PIL, numpy or torch.
+    """A mask as float32 in [0, 1], from bool, integers, float in [0, 1], PIL, numpy or torch.
+
+    Integer masks are 0/1 (max 1), 8-bit (max 255: 255 is the region, values between are soft) or 16-bit
+    (max 65535). Any other maximum (a label map such as 0/2) is refused: select the label first
+    (``mask == label``). A PIL image with a varying alpha channel is read from that channel.
 
     Raises:
         ValueError: for NaN, floats outside [0, 1] (an unscaled 0-255 float mask is the classic bug),
-            negative integers, or an RGB(A) PIL image.
+            negative integers, label maps, or a colour PIL image.
     """
     if hasattr(mask, "getbands"):  # PIL
-        if mask.mode not in ("1", "L", "I", "I;16", "F"):
-            raise ValueError(
-                f"{name} is a PIL image of mode {mask.mode!r}; pass a single-channel mask "
-                f"(mode '1' or 'L'), e.g. Image.open(path).convert('L')"
-            )
-        mask = np.asarray(mask)
+        from .images import pil_mask
+
+        mask = pil_mask(mask, name)
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
     mask = np.asarray(mask)
@@ -51,9 +52,15 @@ def mask_to_float(mask: Any, name: str = "mask") -> np.ndarray:
         return mask.astype(np.float32)
     if np.issubdtype(mask.dtype, np.integer):
         lo, hi = (int(mask.min()), int(mask.max())) if mask.size else (0, 0)
-        if lo < 0 or hi > 255:
-            raise ValueError(f"{name} has integer values in [{lo}, {hi}]; expected 0/1 or 0-255")
-        return mask.astype(np.float32) / (255.0 if hi > 1 else 1.0)
+        if lo < 0 or hi not in (0, 1, 255, 65535):
+            values = np.unique(mask)
+            shown = ", ".join(str(v) for v in values[:6]) + (", ..." if values.size > 6 else "")
+            raise ValueError(
+                f"{name} has integer values {{{shown}}}; an integer mask is 0/1, 0-255 (255 = region) or 16-bit "
+                f"0-65535. If it is a label map, select one label (mask == label); if it is a soft mask, scale it "
+                f"to 255 or pass floats in [0, 1]"
+            )
+        return mask.astype(np.float32) / float(max(hi, 1))
     if not np.issubdtype(mask.dtype, np.floating):
         raise ValueError(f"{name} has dtype {mask.dtype}; expected bool, an integer type or float")
     mask = mask.astype(np.float32)

@@ -6,6 +6,7 @@ Every variant is a frozen :class:`CLIPConfig`; :data:`ARCHITECTURES` maps the pu
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Literal, Mapping
 
@@ -62,21 +63,52 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CLIPConfig":
+        """The inverse of :meth:`to_dict`, checked (:meth:`check`) before any model of its size is built."""
+        if not isinstance(d, Mapping) or not isinstance(d.get("vision"), Mapping):
+            raise ValueError("a config is a mapping with a 'vision' section (and optionally 'text')")
         text = d.get("text")
-        return cls(
+        for name, section, kind in (("vision", d["vision"], VisionConfig), ("text", text or {}, TextConfig)):
+            unknown = set(section) - {f.name for f in dataclasses.fields(kind)}
+            if unknown:
+                raise ValueError(f"config section {name!r} has unknown fields {sorted(unknown)}")
+        cfg = cls(
             vision=VisionConfig(**d["vision"]),
             text=TextConfig(**text) if text is not None else None,
             init_logit_scale=d.get("init_logit_scale", 4.6052),
         )
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Refuse sizes no model has (zero, negative, absurdly large, inconsistent) before anything is allocated.
+
+        Raises:
+            ValueError: naming the field and the value.
+        """
+        for tower, sub in (("vision", self.vision), ("text", self.text)):
+            if sub is None:
+                continue
+            for f in dataclasses.fields(sub):
+                value, limit = getattr(sub, f.name), _LIMITS.get(f.name)
+                if limit is None:
+                    continue
+                if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+                    raise ValueError(f"{tower}_{f.name} = {value!r} is not a plausible size; expected a whole "
+                                     f"number in [1, {limit}]")
+            if sub.width % sub.heads:
+                raise ValueError(f"{tower}_width {sub.width} is not divisible by {tower}_heads {sub.heads}")
+        if self.vision.patch_size > self.vision.image_size:
+            raise ValueError(f"vision_patch_size {self.vision.patch_size} exceeds vision_image_size "
+                             f"{self.vision.image_size}")
+        if not math.isfinite(self.init_logit_scale):
+            raise ValueError(f"init_logit_scale {self.init_logit_scale} is not finite")
 
     def replace(self, **overrides: Any) -> "CLIPConfig":
         """Copy with overrides; ``vision_*``/``text_*`` keys reach into the towers (``vision_image_size=336``)."""
         vision = {k[7:]: v for k, v in overrides.items() if k.startswith("vision_")}
         text = {k[5:]: v for k, v in overrides.items() if k.startswith("text_")}
         rest = {k: v for k, v in overrides.items() if not k.startswith(("vision_", "text_"))}
-        unknown = set(rest) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise TypeError(f"unknown config overrides {sorted(unknown)}; use vision_<field>, text_<field> or init_logit_scale")
+        check_override_keys(overrides)
         cfg = dataclasses.replace(self, **rest)
         if vision:
             cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **vision))
@@ -84,7 +116,33 @@ class CLIPConfig:
             if cfg.text is None:
                 raise TypeError("this architecture has no text tower to override")
             cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, **text))
+        cfg.check()
         return cfg
+
+
+def check_override_keys(keys: Any) -> None:
+    """Refuse override names that are no config field, naming them as typed (``vision_widht``).
+
+    Raises:
+        TypeError: for unknown names.
+    """
+    fields = {"vision_": VisionConfig, "text_": TextConfig}
+    top = {f.name for f in dataclasses.fields(CLIPConfig)} - {"vision", "text"}
+    for key in keys:
+        prefix = next((p for p in fields if key.startswith(p)), None)
+        if prefix is None and key not in top:
+            raise TypeError(f"unknown config override {key!r}; use vision_<field>, text_<field> or init_logit_scale")
+        names = [f.name for f in dataclasses.fields(fields[prefix])] if prefix else []
+        if prefix and key[len(prefix):] not in names:
+            raise TypeError(f"unknown config override {key!r}; {prefix}<field> takes one of {names}")
+
+
+# Upper bounds of the size fields: far above every released model (ViT-bigG: width 1664, 48 layers), far
+# below what would exhaust memory by mistake.
+_LIMITS = {
+    "image_size": 8192, "patch_size": 1024, "width": 16384, "layers": 512, "heads": 1024, "mlp_dim": 65536,
+    "embed_dim": 16384, "context_length": 16384, "vocab_size": 1 << 21,
+}
 
 
 def _clip(embed: int, v: VisionConfig, t: TextConfig) -> CLIPConfig:

@@ -9,7 +9,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .config import CLIPConfig, get_config
-from .io import CheckpointError, PathLike, save_safetensors, write_json
+from .io import CheckpointError, PathLike, atomic_directory, save_safetensors, write_json
 from .model import AlphaCLIP
 from .weights import match_architecture, read_weights
 
@@ -70,18 +70,23 @@ def create_model(
     return model.to(device=device, dtype=_DTYPES[precision]).eval()
 
 
-def save_pretrained(model: AlphaCLIP, directory: PathLike, labels: Optional[Sequence[str]] = None) -> None:
-    """Write ``model.safetensors`` and ``alphaclip_config.json`` into ``directory`` (atomically each).
+def save_pretrained(
+    model: AlphaCLIP, directory: PathLike, overwrite: bool = False, labels: Optional[Sequence[str]] = None
+) -> None:
+    """Write ``model.safetensors`` and ``alphaclip_config.json`` into ``directory``, all-or-nothing.
+
+    The files are written into a temporary sibling that is renamed into place, so a failure leaves no new
+    weights beside an old config. An existing ``directory`` is replaced whole, and only with ``overwrite=True``.
 
     Args:
         labels: class names that belong with the model (its default vocabulary, see :func:`model_labels`).
     """
-    directory = Path(directory)
-    save_safetensors(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "alphaclip"})
     meta = {"config": model.cfg.to_dict(), "library": "alphaclip-plugins"}
     if labels is not None:
         meta["labels"] = list(labels)
-    write_json(meta, directory / CONFIG_NAME)
+    with atomic_directory(directory, overwrite, marker=CONFIG_NAME) as tmp:
+        save_safetensors(model.state_dict(), tmp / WEIGHTS_NAME, metadata={"format": "alphaclip"})
+        write_json(meta, tmp / CONFIG_NAME)
 
 
 def model_labels(directory: PathLike = DEFAULT_MODEL_DIR) -> List[str]:

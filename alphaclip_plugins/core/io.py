@@ -1,13 +1,16 @@
 """Reading and writing checkpoint files safely: no arbitrary unpickling, atomic writes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import shutil
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable, Dict, Union
+from typing import Callable, Dict, Iterator, Union
 
 import torch
 
@@ -23,6 +26,23 @@ _DIR_FILES = (
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or that holds something other than what was asked for."""
+
+
+# Integer entries that checkpoints legitimately carry beside float weights (they are metadata, not weights).
+_INTEGER_ENTRIES = ("input_resolution", "context_length", "vocab_size", "position_ids", "num_batches_tracked")
+
+
+def _check_readable(path: Path) -> None:
+    """A regular file we may open: FIFOs and devices would hang or stream forever."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = "FIFO" if stat.S_ISFIFO(mode) else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file"
+        raise CheckpointError(f"{path} is a {kind}, not a regular file; refusing to read it as a checkpoint")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise CheckpointError(f"cannot read {path}: permission denied (check the file's permissions)") from None
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -43,13 +63,19 @@ def _unwrap(obj: object, path: Path) -> StateDict:
 
 
 def _read_file(path: Path) -> StateDict:
+    _check_readable(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
     if _is_torchscript(path):
-        # OpenAI's release files are TorchScript archives; TorchScript cannot run arbitrary Python.
-        return {k: v.detach() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+        # OpenAI's release files are TorchScript archives: read their tensors without running their code.
+        from .torchscript import TorchScriptError, read_torchscript
+
+        try:
+            return read_torchscript(path)
+        except TorchScriptError as e:
+            raise CheckpointError(f"refusing to read the TorchScript archive {path}: {e}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -67,30 +93,63 @@ def _read_dir(path: Path) -> StateDict:
         if not f.exists():
             continue
         if name.endswith(".index.json"):
+            _check_readable(f)
             shards = sorted(set(json.loads(f.read_text())["weight_map"].values()))
             sd: StateDict = {}
             for shard in shards:
-                sd.update(_read_file(path / shard))
+                sd.update(_read_file(_shard_path(path, shard)))
             return sd
         return _read_file(f)
     raise CheckpointError(f"{path} is a directory without weights; expected one of: {', '.join(_DIR_FILES)}")
 
 
-def read_state_dict(path: PathLike) -> StateDict:
-    """Load the tensors of a checkpoint file or directory, in whatever layout it has.
+def _shard_path(directory: Path, shard: object) -> Path:
+    """A shard named by an index must be a plain file name inside the index's own folder."""
+    if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in (".", ".."):
+        raise CheckpointError(f"{directory}'s shard index names {shard!r}; a shard must be a file name inside "
+                              f"{directory} (no folders, no absolute paths)")
+    return directory / shard
 
-    Pickles load with ``weights_only=True``; TorchScript archives through ``torch.jit.load``;
-    ``.safetensors`` (and sharded Hugging Face directories) directly.
+
+def check_weights(sd: StateDict, source: object) -> None:
+    """Refuse tensors no model weight can be: integer or bool weights, NaN or infinity.
+
+    Raises:
+        CheckpointError: naming the first offending tensor.
+    """
+    for key, value in sd.items():
+        if not value.is_floating_point():
+            if key.rsplit(".", 1)[-1] in _INTEGER_ENTRIES:
+                continue
+            raise CheckpointError(f"{source}: tensor {key!r} has dtype {value.dtype}; model weights must be "
+                                  f"floating point (a quantised or corrupt file?)")
+        if value.numel() and not bool(torch.isfinite(value).all()):
+            bad = "NaN" if bool(torch.isnan(value).any()) else "infinite values"
+            raise CheckpointError(f"{source}: tensor {key!r} contains {bad}; the checkpoint is corrupt "
+                                  f"(or was saved from a diverged run)")
+
+
+def read_state_dict(path: PathLike, *, check: bool = True) -> StateDict:
+    """Load the tensors of a checkpoint file or directory, in whatever layout it has. Nothing in the file runs.
+
+    Pickles load with ``weights_only=True`` (tensors and plain containers only); TorchScript archives through
+    a restricted reader that takes the tensors of the archive's records and never runs its code
+    (``core/torchscript.py``); ``.safetensors`` (and sharded Hugging Face directories) directly.
+
+    Args:
+        path: a file, or a directory holding one of the usual weight files or a shard index.
+        check: refuse non-float tensors (other than known metadata such as ``position_ids``) and NaN/inf.
 
     Raises:
         FileNotFoundError: the path does not exist.
-        CheckpointError: the file is corrupt or truncated, or would need unsafe unpickling.
+        CheckpointError: the file is corrupt, truncated, unreadable, not a regular file, would need unsafe
+            unpickling or running code, or holds non-float or non-finite weights.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return _read_dir(path) if path.is_dir() else _read_file(path)
+        sd = _read_dir(path) if path.is_dir() else _read_file(path)
     except (CheckpointError, FileNotFoundError):
         raise
     except Exception as e:  # zip, safetensors header, EOF ...: all mean the bytes are not a checkpoint
@@ -98,6 +157,9 @@ def read_state_dict(path: PathLike) -> StateDict:
             f"could not read {path}: the file is corrupt, truncated or not a checkpoint "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from e
+    if check:
+        check_weights(sd, path)
+    return sd
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
@@ -121,6 +183,46 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: PathLike, overwrite: bool = False, marker: str = "") -> Iterator[Path]:
+    """Write a directory all-or-nothing: yield an empty temporary sibling, then rename it onto ``path``.
+
+    An existing ``path`` is replaced whole (no stale files of an earlier write survive), and only with
+    ``overwrite=True`` and when it is empty or holds ``marker`` (a file every earlier write left there), so
+    that an unrelated folder is never deleted. If the body raises, ``path`` is left as it was.
+
+    Raises:
+        FileExistsError: ``path`` exists and may not be replaced (see above), or is not a directory.
+    """
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir() or path.is_symlink():
+            raise FileExistsError(f"{path} exists and is not a directory; choose another destination")
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True (--force) to replace it")
+        if marker and any(path.iterdir()) and not (path / marker).is_file():
+            raise FileExistsError(f"{path} is not empty and holds no {marker}, so it is not an earlier export; "
+                                  f"refusing to replace it: choose another destination")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old")
+    try:
+        yield tmp
+        if path.exists():
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old.exists():
+                os.rename(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask() -> int:

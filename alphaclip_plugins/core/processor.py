@@ -11,6 +11,7 @@ mean/std and the mask encoded as ``(m - 0.5) / 0.26``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, List, Literal, Optional, Sequence, Tuple
 
@@ -19,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from .alpha import ALPHA_FOREGROUND, CLIP_MEAN, CLIP_STD, encode_alpha
+from .images import check_pixels, open_image, pil_to_rgb
 from .regions import Region, is_box, region_mask
+from .resize import pad_resize
 
 Mode = Literal["pad", "crop", "squash"]
 
@@ -37,10 +40,14 @@ class RegionBatch:
         return torch.cat([self.pixel_values, self.alpha], dim=1)
 
 
-def image_to_tensor(image: Any) -> torch.Tensor:
-    """PIL, numpy ``[H, W, 3]`` (uint8 or float in [0, 1]) or torch ``[3, H, W]`` -> float ``[3, H, W]`` in [0, 1]."""
-    if hasattr(image, "convert"):  # PIL: alpha transparency is not a region, drop it
-        image = np.array(image.convert("RGB"))
+def image_to_tensor(image: Any, max_pixels: Optional[int] = None) -> torch.Tensor:
+    """A path, PIL, numpy ``[H, W, 3]`` (uint8 or float in [0, 1]) or torch ``[3, H, W]`` -> float ``[3, H, W]``
+    in [0, 1]. Files are opened with EXIF orientation applied; images above ``max_pixels`` are refused."""
+    if isinstance(image, (str, os.PathLike)):
+        image = open_image(image, limit=max_pixels)
+    if hasattr(image, "convert"):  # PIL: alpha transparency is not a region, drop it; 16-bit grey is scaled
+        check_pixels(image.height, image.width, max_pixels)
+        image = np.array(pil_to_rgb(image))
     if isinstance(image, np.ndarray):
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=-1)
@@ -55,6 +62,7 @@ def image_to_tensor(image: Any) -> torch.Tensor:
         raise ValueError(f"unsupported image type {type(image).__name__}; pass PIL, numpy [H, W, 3] or torch [3, H, W]")
     if t.shape[-1] == 0 or t.shape[-2] == 0:
         raise ValueError(f"the image is empty ({t.shape[-2]}x{t.shape[-1]} pixels)")
+    check_pixels(int(t.shape[-2]), int(t.shape[-1]), max_pixels)
     if t.dtype == torch.uint8:
         return t.float() / 255.0
     if not t.is_floating_point():
@@ -84,15 +92,16 @@ class RegionProcessor:
         image_size: side of the square model input.
         mode: geometry, ``"pad"``, ``"crop"`` or ``"squash"`` (see the module docstring).
         mean, std: RGB normalisation (OpenAI CLIP's by default).
+        max_pixels: largest image accepted (``width * height``); None: ``$ALPHACLIP_MAX_PIXELS`` or 100M.
     """
 
     def __init__(
         self, image_size: int = 224, mode: Mode = "pad",
-        mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+        mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD, max_pixels: Optional[int] = None,
     ):
         if mode not in ("pad", "crop", "squash"):
             raise ValueError(f"mode must be 'pad', 'crop' or 'squash'; got {mode!r}")
-        self.image_size, self.mode = image_size, mode
+        self.image_size, self.mode, self.max_pixels = image_size, mode, max_pixels
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
@@ -115,25 +124,36 @@ class RegionProcessor:
             return t
         return F.interpolate(t[None], size=(S, S), mode=mode, antialias=True, align_corners=False)[0]
 
+    def _fit(self, t: torch.Tensor, mode: str) -> torch.Tensor:
+        """Square geometry then resize; padding never builds the full-resolution square (see ``resize.py``)."""
+        if self.mode == "pad" and t.shape[-1] != t.shape[-2]:
+            return pad_resize(t, self.image_size, mode)
+        return self._resize(self._square(t), mode)
+
     # --- public API ------------------------------------------------------------------------------------
     def pixels(self, image: Any) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """One image -> (pixel_values ``[1, 3, S, S]``, its original ``(height, width)``)."""
-        t = image_to_tensor(image)
+        t = image_to_tensor(image, self.max_pixels)
         size = (int(t.shape[-2]), int(t.shape[-1]))
-        t = self._resize(self._square(t), "bicubic").clamp_(0, 1)
+        t = self._fit(t, "bicubic").clamp_(0, 1)
         return ((t - self.mean) / self.std)[None], size
 
     def alphas(self, regions: Sequence[Region], size: Tuple[int, int]) -> torch.Tensor:
         """Regions of one image of ``size = (height, width)`` -> encoded alpha ``[R, 1, S, S]``."""
         S, out = self.image_size, []
-        for region in regions:
+        if len(regions) == 0:
+            raise ValueError("no regions were given for an image; pass None (or [None]) for the whole image")
+        for i, region in enumerate(regions):
             mask = region_mask(region, *size)
             if mask is None:
                 out.append(torch.full((1, S, S), ALPHA_FOREGROUND))
                 continue
-            m = self._resize(self._square(torch.from_numpy(mask)[None]), "bilinear").clamp_(0, 1)
+            if not mask.any():
+                raise ValueError(f"region {i} is empty: its mask covers no pixel of the {size[1]}x{size[0]} image; "
+                                 f"pass None for the whole image, or a region with pixels inside")
+            m = self._fit(torch.from_numpy(mask)[None], "bilinear").clamp_(0, 1)
             out.append(encode_alpha(m))
-        return torch.stack(out) if out else torch.empty(0, 1, S, S)
+        return torch.stack(out)
 
     def __call__(self, images: Any, regions: Optional[Sequence[Any]] = None) -> RegionBatch:
         """Preprocess images with their regions.

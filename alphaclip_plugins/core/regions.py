@@ -11,7 +11,7 @@ A region is one of:
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -48,9 +48,16 @@ def polygon_mask(rings: Sequence[Any], height: int, width: int) -> np.ndarray:
     """Rasterise COCO polygons (``[x0, y0, x1, y1, ...]`` or a list of them) with pycocotools."""
     from pycocotools import mask as mask_utils
 
-    if len(rings) and _is_number(rings[0]):
+    if isinstance(rings, (str, bytes, Mapping)) or not isinstance(rings, (list, tuple, np.ndarray)):
+        raise ValueError(f"a polygon is a flat list [x0, y0, x1, y1, ...] (or a list of them); got {type(rings).__name__}")
+    if len(rings) == 0:
+        raise ValueError("the polygon is empty; a polygon needs at least 3 (x, y) points")
+    if _is_number(rings[0]):
         rings = [rings]
-    rings = [np.asarray(r, np.float64).ravel() for r in rings]
+    try:
+        rings = [np.asarray(r, np.float64).ravel() for r in rings]
+    except (TypeError, ValueError):
+        raise ValueError("polygon points must be numbers: [x0, y0, x1, y1, ...] (or a list of such rings)") from None
     for r in rings:
         if r.size < 6 or r.size % 2:
             raise ValueError(f"a polygon needs at least 3 (x, y) points as a flat list; got {r.size} numbers")
@@ -61,19 +68,56 @@ def polygon_mask(rings: Sequence[Any], height: int, width: int) -> np.ndarray:
     return mask_utils.decode(rle).astype(np.float32)
 
 
-def rle_mask(rle: Mapping[str, Any], height: int, width: int) -> np.ndarray:
-    """Decode a COCO RLE (compressed string or uncompressed count list)."""
-    from pycocotools import mask as mask_utils
+def _rle_string_counts(text: str) -> List[int]:
+    """COCO's compressed RLE string -> run lengths (6-bit groups, 5 data bits each, runs after the second
+    stored as differences to the run two before)."""
+    counts: List[int] = []
+    pos = 0
+    while pos < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= len(text):
+                raise ValueError("the compressed RLE string ends in the middle of a run length")
+            c = ord(text[pos]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"the compressed RLE string holds {text[pos]!r}, which is not an RLE character")
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            pos, shift = pos + 1, shift + 5
+            if not more and c & 0x10:
+                value |= -1 << shift  # sign extension
+        if len(counts) > 2:
+            value += counts[-2]
+        counts.append(value)
+    return counts
 
-    size = [int(s) for s in rle.get("size", ())]
-    if size != [height, width]:
-        raise ValueError(f"RLE has size {size} but the image is [{height}, {width}] (height, width)")
-    if isinstance(rle["counts"], list):  # uncompressed
-        rle = mask_utils.frPyObjects(dict(rle), height, width)
+
+def rle_mask(rle: Mapping[str, Any], height: int, width: int) -> np.ndarray:
+    """Decode a COCO RLE (compressed string or uncompressed count list), after checking it describes exactly
+    ``height x width`` pixels with non-negative runs (a bad RLE is an error, never a guessed region)."""
     try:
-        return mask_utils.decode(dict(rle)).astype(np.float32)
-    except Exception as e:
-        raise ValueError(f"could not decode the RLE: {e}") from e
+        size = [int(s) for s in rle.get("size", ())]
+    except (TypeError, ValueError):
+        size = []
+    if size != [height, width]:
+        raise ValueError(f"RLE has size {rle.get('size')} but the image is [{height}, {width}] (height, width)")
+    counts: Any = rle.get("counts")
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii", "replace")
+    if isinstance(counts, str):
+        counts = _rle_string_counts(counts)
+    elif isinstance(counts, (list, tuple)) and all(_is_number(c) and float(c) == int(c) for c in counts):
+        counts = [int(c) for c in counts]
+    else:
+        raise ValueError("RLE counts must be a COCO compressed string or a list of whole numbers")
+    if any(c < 0 for c in counts):
+        raise ValueError(f"RLE counts hold a negative run ({min(counts)}); the RLE is corrupt")
+    if sum(counts) != height * width:
+        raise ValueError(f"RLE runs cover {sum(counts)} pixels but the image has {height}x{width} = "
+                         f"{height * width}; the RLE is corrupt or belongs to another image")
+    # Runs alternate background/foreground, starting with background, in column-major (Fortran) order.
+    values = np.arange(len(counts), dtype=np.int64) % 2
+    return np.repeat(values.astype(np.float32), counts).reshape(width, height).T.copy()
 
 
 def region_mask(region: Region, height: int, width: int) -> Optional[np.ndarray]:

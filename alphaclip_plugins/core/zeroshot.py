@@ -27,6 +27,33 @@ TEMPLATES: Dict[str, Tuple[str, ...]] = {
 Templates = Union[str, Sequence[str]]
 
 
+def _prompts(templates: Templates) -> Tuple[str, ...]:
+    """A prompt set's name or a list of templates -> templates, each with exactly one ``{}`` for the class."""
+    if isinstance(templates, str):
+        if templates not in TEMPLATES:
+            raise ValueError(f"unknown prompt set {templates!r}; use one of {sorted(TEMPLATES)} or a list of "
+                             f"templates such as ['a photo of a {{}}.']")
+        return TEMPLATES[templates]
+    prompts = tuple(templates)
+    bad = [t for t in prompts if not isinstance(t, str) or t.count("{}") != 1 or t.replace("{}", "").count("{")]
+    if not prompts or bad:
+        raise ValueError(f"each template needs exactly one '{{}}' where the class name goes (and no other braces); "
+                         f"got {bad[:3] if bad else 'no templates'}")
+    return prompts
+
+
+def _labels(labels: Sequence[str]) -> Tuple[str, ...]:
+    if isinstance(labels, str):
+        raise ValueError(f"labels must be a list of class names, not one string ({labels!r} would become "
+                         f"{len(labels)} one-letter classes); pass [{labels!r}]")
+    labels = tuple(labels)
+    if not labels:
+        raise ValueError("labels is empty; pass at least one class name")
+    if not all(isinstance(label, str) and label.strip() for label in labels):
+        raise ValueError(f"every label must be a non-empty string; got {[x for x in labels if not isinstance(x, str) or not x.strip()][:3]}")
+    return labels
+
+
 @torch.no_grad()
 def text_classifier(
     model: nn.Module, labels: Sequence[str], templates: Templates = "ovseg", batch_size: int = 256,
@@ -39,9 +66,7 @@ def text_classifier(
     :func:`classify_regions` as ``classifier``). ``progress`` shows a bar (by default when there are
     more than 4 batches of prompts).
     """
-    prompts = TEMPLATES[templates] if isinstance(templates, str) else tuple(templates)
-    if not labels:
-        raise ValueError("labels is empty; pass at least one class name")
+    prompts, labels = _prompts(templates), _labels(labels)
     texts = [t.format(label) for label in labels for t in prompts]
     device = model.token_embedding.weight.device
     chunks = range(0, len(texts), batch_size)

@@ -105,6 +105,19 @@ class TrainConfig:
     tensorboard: bool = True  # write TensorBoard scalars (needs the tensorboard package)
     progress: bool = True  # tqdm progress bar on rank 0
 
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "accum_steps"):
+            value = getattr(self, key)
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"{key} must be at least 1; got {value}")
+        if isinstance(self.model, ModelConfig) and isinstance(self.model.overrides, dict):
+            from ..core.config import check_override_keys
+
+            try:
+                check_override_keys(self.model.overrides)
+            except TypeError as e:
+                raise ValueError(f"model.overrides: {e}") from None
+
     def micro_batch(self, world_size: int) -> int:
         """Samples per micro-batch per process."""
         per = self.batch_size // (world_size * self.accum_steps)

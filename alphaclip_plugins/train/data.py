@@ -20,15 +20,14 @@ the streams skip it and count it.
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
-from PIL import Image
 
+from ..core.images import open_image, open_mask
 from ..core.processor import RegionProcessor
 
 
@@ -158,13 +157,13 @@ def _open_file(path: str) -> bytes:
         raise SampleError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def decode_image(data: bytes, what: str = "image", mode: str = "RGB") -> Image.Image:
-    """Bytes -> a fully loaded PIL image (corrupt or truncated files raise :class:`SampleError`)."""
+def decode_image(data: bytes, what: str = "image", mode: str = "RGB") -> Any:
+    """Bytes -> a fully loaded RGB PIL image (``mode="RGB"``) or a float mask ``[H, W]`` (``mode="L"``), EXIF
+    orientation applied (``core/images.py``); corrupt, truncated or unusable files raise :class:`SampleError`."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert(mode)
+        return open_image(data, what) if mode == "RGB" else open_mask(data, what)
     except Exception as e:  # PIL raises many types for bad bytes
-        raise SampleError(f"cannot decode {what} ({type(e).__name__}: {e})") from None
+        raise SampleError(f"cannot decode {what} ({e})") from None
 
 
 class SampleDecoder:

@@ -224,7 +224,8 @@ def _export(cfg: TrainConfig, env: DistEnv, model: AlphaCLIP, out: Path, fsdp: b
             model.load_state_dict(full)
     if env.main:
         model = merge_lora(model).to(_DTYPES[cfg.export.dtype])
-        save_pretrained(model, target, labels=cfg.export.labels or None)
+        # this run's export: replace an earlier one whole
+        save_pretrained(model, target, overwrite=True, labels=cfg.export.labels or None)
         if cfg.export.official:
             save_official(model, target / "alphaclip_visual.pth")
     barrier(env)

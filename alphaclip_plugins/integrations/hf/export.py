@@ -17,7 +17,7 @@ from transformers import CLIPTextConfig, PreTrainedModel
 
 from ...core.config import CLIPConfig, VisionConfig
 from ...core.convert import from_alphaclip
-from ...core.io import CheckpointError, PathLike
+from ...core.io import CheckpointError, PathLike, atomic_directory
 from ...core.weights import LoadReport, Weights, infer_config, read_weights, resolve
 from .configuration import AlphaCLIPConfig, AlphaCLIPVisionConfig
 from .modeling import AlphaCLIPModel, AlphaCLIPVisionModel, AlphaCLIPVisionModelWithProjection
@@ -114,7 +114,9 @@ def _load_hf(model: PreTrainedModel, hf: Mapping[str, torch.Tensor], source: str
     model.load_state_dict(hf, strict=True)
 
 
-def export_hf(model_or_checkpoint: Source, out_dir: PathLike, act: Optional[str] = None) -> PreTrainedModel:
+def export_hf(
+    model_or_checkpoint: Source, out_dir: PathLike, act: Optional[str] = None, overwrite: bool = False
+) -> PreTrainedModel:
     """Write a transformers model directory (``config.json``, ``model.safetensors``, ``preprocessor_config.json``).
 
     Two towers become an :class:`AlphaCLIPModel` (``AutoModel.from_pretrained`` loads it); a vision tower
@@ -126,14 +128,16 @@ def export_hf(model_or_checkpoint: Source, out_dir: PathLike, act: Optional[str]
         model_or_checkpoint: a checkpoint path (file or directory, any layout), a core model or a state dict.
         out_dir: the directory to write.
         act: activation override, see :func:`build_hf_model`.
+        overwrite: replace an existing ``out_dir`` (whole: no file of an earlier export stays).
 
     Returns:
         The exported model (in the checkpoint's dtype).
     """
     model = build_hf_model(model_or_checkpoint, act=act)
-    model.save_pretrained(out_dir)
     vision = getattr(model.config, "vision_config", model.config)
-    AlphaCLIPImageProcessor(image_size=vision.image_size).save_pretrained(out_dir)
+    with atomic_directory(out_dir, overwrite, marker="config.json") as tmp:  # all-or-nothing
+        model.save_pretrained(tmp)
+        AlphaCLIPImageProcessor(image_size=vision.image_size).save_pretrained(tmp)
     return model
 
 
