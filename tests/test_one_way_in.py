@@ -104,10 +104,22 @@ def _mmdet(path: Path) -> Tower:
     return backbone.visual.state_dict()
 
 
+def _detectron2(path: Path) -> Tower:
+    import_or_skip("detectron2", allow_missing=True)  # not on PyPI: skips even under CI
+    from detectron2.modeling import build_model
+
+    from alphaclip_plugins.integrations.detectron2 import AlphaCLIPCheckpointer
+    from test_detectron2 import _yacs
+
+    model = build_model(_yacs("faster_rcnn_alphaclip_vit_b16_sfp.yaml"))
+    AlphaCLIPCheckpointer(model).load(str(path))  # the safe reader, then the model's load hook
+    return model.backbone.net.visual.state_dict()
+
+
 ENTRY_POINTS: Dict[str, Callable[[Path], Tower]] = {
     "load_checkpoint": _core, "create_model": _create_model, "trainer": _trainer, "cli convert": _cli,
     "timm pretrained file": _timm, "timm load_state_dict": _timm_load_state_dict, "open_clip": _open_clip,
-    "hf load_alpha_weights": _hf, "mmdet init_cfg": _mmdet,
+    "hf load_alpha_weights": _hf, "mmdet init_cfg": _mmdet, "detectron2 checkpointer": _detectron2,
 }
 
 
