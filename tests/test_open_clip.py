@@ -14,6 +14,7 @@ open_clip = pytest.importorskip("open_clip")
 
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP  # noqa: E402
 
+from alphaclip_plugins.core.alpha import check_alpha_in_forward  # noqa: E402
 from alphaclip_plugins.core.config import get_config  # noqa: E402
 from alphaclip_plugins.core.convert import to_alphaclip  # noqa: E402
 from alphaclip_plugins.core.factory import create_model  # noqa: E402
@@ -95,8 +96,12 @@ def test_alpha_as_fourth_channel_and_shared_image():
         assert _max_diff(one_image[0], ref[0]) < TOL and one_image.shape == ref.shape
     with pytest.raises(TypeError, match="normalize by keyword"):
         model.encode_image(image, True)
-    with pytest.raises(ValueError, match="encode_alpha"):
-        model.encode_image(image, (alpha > 0).float())  # a raw [0, 1] mask, not encoded alpha
+    previous = check_alpha_in_forward(True)  # forwards check values only when asked to
+    try:
+        with pytest.raises(ValueError, match="encode_alpha"):
+            model.encode_image(image, (alpha > 0).float())  # a raw [0, 1] mask, not encoded alpha
+    finally:
+        check_alpha_in_forward(previous)
 
 
 def test_threads_do_not_share_alpha():
