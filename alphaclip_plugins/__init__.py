@@ -23,6 +23,7 @@ _EXPORTS = {
     "read_state_dict": "core.io", "to_alphaclip": "core.convert", "from_alphaclip": "core.convert",
     "detect_format": "core.convert",
     "encode_alpha": "core.alpha", "ALPHA_FOREGROUND": "core.alpha", "ALPHA_BACKGROUND": "core.alpha",
+    "check_alpha": "core.alpha", "check_alpha_in_forward": "core.alpha",
     "RegionProcessor": "core.processor", "RegionBatch": "core.processor",
     "classify_regions": "core.zeroshot", "text_classifier": "core.zeroshot", "TEMPLATES": "core.zeroshot",
 }

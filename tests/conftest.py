@@ -7,6 +7,8 @@ import torch
 from alphaclip_plugins.core.alpha import encode_alpha
 from alphaclip_plugins.core.factory import create_model
 
+collect_ignore = ["timm_suite"]  # timm's own test_models.py runs there, through scripts/timm_suite.sh
+
 
 def random_alpha_conv_(model: torch.nn.Module, seed: int = 1) -> None:
     """Give a model a non-zero ``conv1_alpha`` so that alpha changes its output (a fresh one is zero)."""

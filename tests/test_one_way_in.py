@@ -22,6 +22,7 @@ from checkpoint_files import hf_dir, official_file, open_clip_file, openai_file,
 from conftest import HF_TINY_VISION, import_or_skip, random_alpha_conv_
 
 Tower = Dict[str, torch.Tensor]
+TINY_DEPTH = 2  # the core "tiny" tower's blocks (timm's tiny variant has 3 by default, for timm's feature tests)
 
 
 def _visual(sd: Dict[str, torch.Tensor]) -> Tower:
@@ -60,7 +61,7 @@ def _timm(path: Path) -> Tower:
     timm = import_or_skip("timm")
     import alphaclip_plugins.integrations.timm  # noqa: F401
 
-    model = timm.create_model("alphaclip_vit_tiny_patch8_32.grit1m", pretrained=True,
+    model = timm.create_model("alphaclip_vit_tiny_patch8_32.grit1m", pretrained=True, depth=TINY_DEPTH,
                               pretrained_cfg_overlay=dict(file=str(path)))
     return _visual(model.state_dict())
 
@@ -69,7 +70,7 @@ def _timm_load_state_dict(path: Path) -> Tower:
     timm = import_or_skip("timm")
     import alphaclip_plugins.integrations.timm  # noqa: F401
 
-    model = timm.create_model("alphaclip_vit_tiny_patch8_32")
+    model = timm.create_model("alphaclip_vit_tiny_patch8_32", depth=TINY_DEPTH)
     model.load_state_dict(read_state_dict(path))  # a foreign layout: converted by the model's load hook
     return _visual(model.state_dict())
 

@@ -26,6 +26,7 @@ from conftest import random_alpha, random_alpha_conv_  # noqa: E402
 
 TINY = "alphaclip_vit_tiny_patch8_32"
 TOL = 1e-5
+LAYERS = 3  # the timm tiny variant has 3 blocks (timm's feature tests take the last 3); the core "tiny" has 2
 
 
 def _create(tag: str, file: Path, **kwargs) -> nn.Module:
@@ -40,10 +41,16 @@ def _inputs(batch: int = 2, size: int = 32, seed: int = 0):
 
 
 @pytest.fixture
-def tower() -> VisionTransformer:
-    model = create_model("tiny")
+def tiny_model():
+    """The core two-tower model with the timm tiny variant's depth, a non-zero alpha conv."""
+    model = create_model("tiny", vision_layers=LAYERS)
     random_alpha_conv_(model)
-    return model.visual
+    return model
+
+
+@pytest.fixture
+def tower(tiny_model) -> VisionTransformer:
+    return tiny_model.visual
 
 
 def test_models_and_tags_are_registered():
@@ -56,6 +63,12 @@ def test_models_and_tags_are_registered():
     assert cfg.input_size == (4, 336, 336) and cfg.num_classes == 768
     assert any("clip_l14_336_grit_20m_4xe.pth" in n for n in cfg.notes)
     assert timm.models.get_pretrained_cfg("alphaclip_vit_base_patch16_224.grit1m_mim").tag == "grit1m_mim"
+    listed = set(timm.list_pretrained("alphaclip*"))
+    assert "alphaclip_vit_base_patch16_224.grit1m" in listed and "alphaclip_vit_large_patch14_336.openai" in listed
+    assert not any(name.startswith(TINY) for name in listed)  # the test variant has no released weights
+    release = timm.models.get_pretrained_cfg("alphaclip_vit_large_patch14_224.grit20m")
+    assert release.paper_ids == "arXiv:2312.03818" and release.license and release.paper_name
+    assert timm.models.get_pretrained_cfg("alphaclip_vit_base_patch16_224.openai").paper_ids == "arXiv:2103.00020"
 
 
 def test_official_file_matches_core(tower, tmp_path):
@@ -120,19 +133,21 @@ def test_missing_file_names_the_release_file():
 
 
 def test_other_architecture_is_refused(tmp_path):
-    wide = create_model("tiny", vision_width=128)
+    wide = create_model("tiny", vision_width=128, vision_layers=LAYERS)
     with pytest.raises(CheckpointError, match="vision_width"):
         _create("grit1m", official_file(wide.visual, tmp_path / "wide.pth"))
 
 
 def test_data_config_normalises_four_channels():
+    from alphaclip_plugins.integrations.timm_transforms import create_transform
+
     model = timm.create_model(TINY)
     cfg = timm.data.resolve_data_config({}, model=model)
     assert cfg["input_size"] == (4, 32, 32)
     assert cfg["mean"] == pytest.approx(RGBA_MEAN) and cfg["std"] == pytest.approx(RGBA_STD)
     rgba = np.zeros((40, 40, 4), dtype=np.uint8)
     rgba[..., 3][:, :20] = 255  # left half is the region
-    x = timm.data.create_transform(**cfg)(Image.fromarray(rgba, "RGBA"))
+    x = create_transform(**cfg)(Image.fromarray(rgba, "RGBA"))
     assert x.shape == (4, 32, 32)
     assert x[3, :, :8] == pytest.approx(ALPHA_FOREGROUND, abs=1e-4)
     assert x[3, :, -8:] == pytest.approx(ALPHA_BACKGROUND, abs=1e-4)
@@ -150,6 +165,8 @@ def test_three_channels_are_the_whole_image(tower):
 
 
 def test_features_only(tower, tmp_path):
+    default = timm.create_model(TINY, features_only=True)
+    assert len(default.feature_info.channels()) == 3  # timm's feature tests expect 3 levels by default
     feats = _create("grit1m", official_file(tower, tmp_path / "t.pth"), features_only=True, out_indices=(0, 1)).eval()
     assert feats.feature_info.reduction() == [8, 8] and feats.feature_info.channels() == [64, 64]
     rgb, alpha, rgba = _inputs()

@@ -5,10 +5,16 @@ Alpha-CLIP's reference pipeline turns a mask ``m`` in [0, 1] into ``(m - 0.5) / 
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import torch
+
+try:
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _fx_tracing
+except ImportError:  # torch < 2.5
+    from torch.fx._symbolic_trace import is_fx_tracing as _fx_tracing
 
 ALPHA_MEAN = 0.5
 ALPHA_STD = 0.26
@@ -74,12 +80,43 @@ def mask_to_float(mask: Any, name: str = "mask") -> np.ndarray:
     return mask
 
 
-def check_alpha(alpha: torch.Tensor) -> None:
-    """Refuse alpha values that were not encoded: a raw [0, 1] mask, a 0-255 mask, NaN.
+def tracing() -> bool:
+    """True while TorchScript, ``torch.jit.trace``, ``torch.fx`` or ``torch.compile`` captures a graph: Python
+    checks on values or shapes are skipped then (the graph must not branch on data)."""
+    return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or _fx_tracing()
 
-    Encoded alpha lies in [-1.9231, +1.9231]; see :func:`encode_alpha`.
+
+def check_alpha_in_forward(enabled: bool = True) -> bool:
+    """Opt in to checking alpha values on every forward of every tower (off by default).
+
+    Values are checked where user data enters (``RegionProcessor``, the timm transforms, ``classify_regions``,
+    the image processors); a forward does not check, since a check reads the tensor back (a device sync)
+    and would keep ``torch.jit.script``/``torch.fx`` from capturing the model. Code that feeds hand-made
+    alpha tensors to a model can turn the check on while debugging (or set ``ALPHACLIP_CHECK_ALPHA=1``).
+    Graph capture (TorchScript, tracing, fx, compile) always skips it. Returns the previous setting.
     """
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    global _CHECK_IN_FORWARD
+    previous, _CHECK_IN_FORWARD = _CHECK_IN_FORWARD, bool(enabled)
+    return previous
+
+
+_CHECK_IN_FORWARD = os.environ.get("ALPHACLIP_CHECK_ALPHA", "").lower() in ("1", "true", "yes")
+
+
+@torch.jit.unused
+def check_alpha_if_enabled(alpha: torch.Tensor) -> None:
+    """:func:`check_alpha`, when :func:`check_alpha_in_forward` turned it on (and no graph is being captured)."""
+    if _CHECK_IN_FORWARD and not tracing():
+        check_alpha(alpha)
+
+
+def check_alpha(alpha: torch.Tensor) -> None:
+    """Refuse alpha values that were not encoded: a raw [0, 1] mask, a 0-255 mask, all zeros, NaN.
+
+    Encoded alpha lies in [-1.9231, +1.9231]; see :func:`encode_alpha`. Call it where alpha tensors enter
+    (preprocessing, loaders); models do not check unless :func:`check_alpha_in_forward` is on.
+    """
+    if tracing():
         return
     lo, hi = torch.aminmax(alpha.detach())
     lo, hi = float(lo), float(hi)

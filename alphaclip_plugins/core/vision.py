@@ -7,32 +7,56 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .alpha import ALPHA_FOREGROUND, check_alpha
+from .alpha import ALPHA_FOREGROUND, check_alpha_if_enabled, tracing
 from .config import VisionConfig
 from .transformer import LayerNorm, Transformer, init_transformer_
 
 
-def split_rgba(image: torch.Tensor, alpha: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Accept ``(rgb [B,3,H,W], alpha [B,1,H,W] | None)`` or ``rgba [B,4,H,W]``; return ``(rgb, alpha)``.
+def split_rgba(image: torch.Tensor, alpha: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Accept ``(rgb [B,3,H,W], alpha [B,1,H,W] | None)`` or ``rgba [B,4,H,W]``; return ``(rgb, alpha [B,1,H,W])``.
 
-    An alpha batch of R with an image batch of 1 is allowed: one image, R regions.
+    A 3-channel image without alpha is the whole image: alpha +1.9231 everywhere. An alpha batch of R with
+    an image batch of 1 is allowed: one image, R regions. Shapes are checked in eager mode only; the rest
+    has no Python branch on shapes or values, so TorchScript and ``torch.fx`` capture it.
     """
+    if not torch.jit.is_scripting():
+        check_rgba_shapes(image, alpha)
+    rgb = image[:, :3]
+    if alpha is None:
+        # The 4th channel, or (3 channels) foreground everywhere: one graph for both channel counts.
+        alpha = torch.cat([image[:, 3:], torch.full_like(image[:, :1], _foreground())], dim=1)[:, :1]
+    else:
+        alpha = alpha.reshape(-1, 1, image.shape[-2], image.shape[-1])  # [B, H, W] or [B, 1, H, W] -> [B, 1, H, W]
+    return rgb, alpha
+
+
+def _foreground(value: float = ALPHA_FOREGROUND) -> float:
+    # The constant comes in as a default argument: TorchScript reads no float globals.
+    return value
+
+
+@torch.jit.unused
+def check_rgba_shapes(image: torch.Tensor, alpha: Optional[torch.Tensor]) -> None:
+    """The shape checks of :func:`split_rgba` (eager mode only: skipped while a graph is captured).
+
+    Raises:
+        ValueError: not ``[B, C, H, W]``, a channel count other than 3 or 4, alpha given twice, or an alpha
+            whose shape does not fit the image.
+    """
+    if tracing():
+        return
     if image.ndim != 4:
         raise ValueError(f"image must be [B, C, H, W]; got shape {tuple(image.shape)}")
     channels = image.shape[1]
-    if channels == 4:
-        if alpha is not None:
-            raise ValueError("got a 4-channel (RGBA) image and a separate alpha; pass one or the other")
-        return image[:, :3], image[:, 3:]
-    if channels != 3:
+    if channels not in (3, 4):
         raise ValueError(
             f"image has {channels} channels; expected 3 (RGB, whole image) or 4 (RGB + encoded alpha)"
         )
     if alpha is None:
-        return image, None
-    if alpha.ndim == 3:
-        alpha = alpha.unsqueeze(1)
-    if alpha.ndim != 4 or alpha.shape[1] != 1:
+        return
+    if channels == 4:
+        raise ValueError("got a 4-channel (RGBA) image and a separate alpha; pass one or the other")
+    if not (alpha.ndim == 4 and alpha.shape[1] == 1 or alpha.ndim == 3):
         raise ValueError(f"alpha must be [B, 1, H, W]; got shape {tuple(alpha.shape)}")
     if alpha.shape[-2:] != image.shape[-2:]:
         raise ValueError(
@@ -44,19 +68,43 @@ def split_rgba(image: torch.Tensor, alpha: Optional[torch.Tensor]) -> Tuple[torc
             f"alpha batch {alpha.shape[0]} does not match image batch {image.shape[0]} "
             f"(an image batch of 1 may be shared by many alphas)"
         )
-    return image, alpha
+
+
+@torch.jit.unused
+def check_patch_multiple(image: torch.Tensor, patch_size: int) -> None:
+    """Refuse an image whose height or width is not a multiple of the patch size (eager mode only)."""
+    if tracing():
+        return
+    H, W = image.shape[-2:]
+    if H % patch_size or W % patch_size:
+        raise ValueError(
+            f"image size {H}x{W} is not a multiple of the patch size {patch_size}; "
+            f"resize or pad it (RegionProcessor does)"
+        )
 
 
 def embed_alpha(conv_alpha: nn.Conv2d, alpha: Optional[torch.Tensor]) -> torch.Tensor:
     """The alpha patch embedding to add to the RGB one: ``conv_alpha(alpha)`` ``[B, C, h, w]``, or for
     ``alpha=None`` (whole image: +1.9231 everywhere) the one vector that yields, as ``[1, C, 1, 1]``.
 
-    Every adapter (timm, open_clip, transformers) calls this, so alpha means the same everywhere.
+    Every adapter (timm, open_clip, transformers) calls this, so alpha means the same everywhere. Alpha
+    values are not checked here (see :func:`~alphaclip_plugins.core.alpha.check_alpha_in_forward`).
     """
     if alpha is None:
-        return (conv_alpha.weight.sum(dim=(1, 2, 3)) * ALPHA_FOREGROUND)[None, :, None, None]
-    check_alpha(alpha)
-    return conv_alpha(alpha.to(conv_alpha.weight.dtype))
+        return (conv_alpha.weight.sum(dim=(1, 2, 3)) * _foreground())[None, :, None, None]
+    return conv_alpha(prepare_alpha(alpha, conv_alpha.weight.dtype))
+
+
+def prepare_alpha(alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Alpha cast to the alpha conv's dtype; its values are checked only where
+    :func:`~alphaclip_plugins.core.alpha.check_alpha_in_forward` turned that on (eager mode).
+
+    Modules that TorchScript compiles call ``self.conv_alpha(prepare_alpha(alpha, dtype))``: a TorchScript
+    function cannot take a module argument, so they do not go through :func:`embed_alpha`.
+    """
+    if not torch.jit.is_scripting():
+        check_alpha_if_enabled(alpha)
+    return alpha.to(dtype)
 
 
 def resample_pos_embed(pos: torch.Tensor, grid: Tuple[int, int], prefix: int = 1) -> torch.Tensor:
@@ -117,15 +165,12 @@ class VisionTransformer(nn.Module):
     def patch_embed(self, image: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
         """RGB(A) pixels -> patch grid ``[B, C, H/p, W/p]`` (RGB and alpha embeddings summed)."""
         image, alpha = split_rgba(image, alpha)
-        H, W = image.shape[-2:]
-        if H % self.patch_size or W % self.patch_size:
-            raise ValueError(
-                f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}; "
-                f"resize or pad it (RegionProcessor does)"
-            )
+        if not torch.jit.is_scripting():
+            check_patch_multiple(image, self.patch_size)
         dtype = self.conv1.weight.dtype  # inputs follow the model, so half models take fp32 pixels
         x = self.conv1(image.to(dtype))
-        return x + embed_alpha(self.conv1_alpha, alpha).to(x.dtype)  # broadcasts one image over many alphas
+        alpha_embed = self.conv1_alpha(prepare_alpha(alpha, self.conv1_alpha.weight.dtype))
+        return x + alpha_embed.to(x.dtype)  # broadcasts one image over many alphas
 
     def tokens(self, grid: torch.Tensor) -> torch.Tensor:
         """Patch grid ``[B, C, h, w]`` -> ``ln_pre`` tokens ``[B, 1 + h*w, C]`` with class token and positions."""

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .alpha import check_alpha
 from .factory import tokenize
 from .processor import RegionProcessor
 
@@ -106,6 +107,7 @@ def classify_regions(
     processor = processor or RegionProcessor(model.visual.cfg.image_size)
     pixels, size = processor.pixels(image)
     alpha = processor.alphas(list(regions) if regions is not None else [None], size)
+    check_alpha(alpha)  # a custom processor's alphas are user data: check them once, here
     device = model.logit_scale.device
     feats = model.encode_image(pixels.to(device), alpha.to(device), normalize=True).float()
     weights = classifier if classifier is not None else text_classifier(model, labels, templates)

@@ -15,6 +15,7 @@ CLIP with a zero alpha conv), open_clip, Hugging Face and timm files.
 """
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any, Dict, Mapping, Tuple
 
@@ -32,12 +33,12 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_filter_fn  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ..core.alpha import ALPHA_BACKGROUND, ALPHA_FOREGROUND, RGBA_MEAN, RGBA_STD  # noqa: E402
+from ..core.alpha import ALPHA_BACKGROUND, RGBA_MEAN, RGBA_STD, tracing  # noqa: E402
 from ..core.config import VisionConfig, get_config  # noqa: E402
 from ..core.convert import from_alphaclip, strip_wrappers  # noqa: E402
 from ..core.io import CheckpointError, PathLike, read_state_dict  # noqa: E402
+from ..core.vision import prepare_alpha, split_rgba  # noqa: E402
 from ..core.weights import read_weights, resolve  # noqa: E402
-from ..core.vision import embed_alpha, split_rgba  # noqa: E402
 
 __all__ = ["AlphaPatchEmbed", "AlphaVisionTransformer", "checkpoint_filter_fn", "RELEASE_FILES"]
 
@@ -63,31 +64,34 @@ class AlphaPatchEmbed(PatchEmbed):
         dd = {k: kwargs[k] for k in ("device", "dtype") if k in kwargs}
         self.proj_alpha = nn.Conv2d(1, embed_dim, self.patch_size, self.patch_size, bias=False, **dd)
         nn.init.zeros_(self.proj_alpha.weight)
+        self.alpha_pad_value = ALPHA_BACKGROUND  # an attribute, as TorchScript reads no float globals
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """RGBA ``[B, 4, H, W]`` (or RGB ``[B, 3, H, W]``: whole image) -> tokens, ``[B, h*w, C]`` by default."""
         rgb, alpha = split_rgba(x, None)
-        H, W = rgb.shape[-2:]
-        self._check_size(H, W)
+        if not torch.jit.is_scripting():
+            self._check_size(rgb)
         if self.dynamic_img_pad:
-            pad_h, pad_w = (-H) % self.patch_size[0], (-W) % self.patch_size[1]
-            if pad_h or pad_w:
-                if alpha is None:
-                    alpha = rgb.new_full((rgb.shape[0], 1, H, W), ALPHA_FOREGROUND)
-                rgb = F.pad(rgb, (0, pad_w, 0, pad_h))
-                # Padding is outside the region, as in the reference pipeline's zero-padded RGBA images.
-                alpha = F.pad(alpha, (0, pad_w, 0, pad_h), value=ALPHA_BACKGROUND)
+            H, W = rgb.shape[-2:]
+            pad_h = (self.patch_size[0] - H % self.patch_size[0]) % self.patch_size[0]
+            pad_w = (self.patch_size[1] - W % self.patch_size[1]) % self.patch_size[1]
+            rgb = F.pad(rgb, (0, pad_w, 0, pad_h))
+            # Padding is outside the region, as in the reference pipeline's zero-padded RGBA images.
+            alpha = F.pad(alpha, (0, pad_w, 0, pad_h), value=self.alpha_pad_value)
         x = self.proj(rgb)
-        x = x + embed_alpha(self.proj_alpha, alpha).to(x.dtype)
+        x = x + self.proj_alpha(prepare_alpha(alpha, self.proj_alpha.weight.dtype)).to(x.dtype)
         if self.flatten:
             x = x.flatten(2).transpose(1, 2)  # [B, C, h, w] -> [B, h*w, C]
         elif self.output_fmt != Format.NCHW:
             x = nchw_to(x, self.output_fmt)
         return self.norm(x)
 
-    def _check_size(self, H: int, W: int) -> None:
-        if self.img_size is None:
+    @torch.jit.unused
+    def _check_size(self, rgb: torch.Tensor) -> None:
+        """Clear errors for a wrong input size, in eager mode (a captured graph has no Python checks)."""
+        if self.img_size is None or tracing():
             return
+        H, W = rgb.shape[-2:]
         if self.strict_img_size and (H, W) != tuple(self.img_size):
             raise ValueError(
                 f"input is {H}x{W} but the model takes {self.img_size[0]}x{self.img_size[1]}; resize it, or create "
@@ -202,8 +206,14 @@ def _new_head(model: VisionTransformer, file_dim: int) -> bool:
     return not (isinstance(head, nn.Linear) and head.out_features == file_dim and head.in_features == model.embed_dim)
 
 
+def _vision(variant: str) -> VisionConfig:
+    """The core vision config of a timm variant (with its timm-only overrides)."""
+    arch, overrides = _ARCHS[variant]
+    return get_config(arch).replace(**{f"vision_{k}": v for k, v in overrides.items()}).vision
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> AlphaVisionTransformer:
-    v = get_config(_ARCHS[variant]).vision
+    v = _vision(variant)
     model_args = dict(
         patch_size=v.patch_size, embed_dim=v.width, depth=v.layers, num_heads=v.heads, mlp_ratio=v.mlp_dim / v.width,
         pre_norm=True, norm_layer=partial(LayerNorm, eps=v.ln_eps), act_layer=v.act,
@@ -223,25 +233,27 @@ def _weights_overlay(variant: str, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     """The ``pretrained_cfg_overlay`` to build with: a local file is read by the core loader (``custom_load``)."""
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=overlay)
-    if cfg.file:
+    name = f"{variant}.{cfg.tag}" if cfg.tag else variant
+    if cfg.state_dict or cfg.url or cfg.hf_hub_id:
+        return overlay
+    if cfg.file and ("file" in overlay or os.path.exists(cfg.file)):
         # timm's reader takes neither OpenAI's TorchScript archives nor checkpoint directories; the core's does.
         overlay.setdefault("custom_load", True)
-    elif not (cfg.state_dict or cfg.url or cfg.hf_hub_id):
-        name = f"{variant}.{cfg.tag}" if cfg.tag else variant
-        file = RELEASE_FILES.get(name, "")
-        raise ValueError(
-            f"{name} has no download location: its weights are "
-            + (f"the file {file}. " if file else "a checkpoint file you provide. ")
-            + f"Pass it with timm.create_model({name!r}, pretrained=True, "
-            f"pretrained_cfg_overlay=dict(file='/path/to/{file or 'weights.safetensors'}'))"
-        )
-    return overlay
+        return overlay
+    file = RELEASE_FILES.get(name, "")
+    raise ValueError(
+        f"{name} has no download location: its weights are "
+        + (f"the file {file}. " if file else "a checkpoint file you provide. ")
+        + f"Pass it with timm.create_model({name!r}, pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file='/path/to/{file or 'weights.safetensors'}'))"
+    )
 
 
 #: The timm names, the core architecture of each, and the release file behind each pretrained tag.
-_ARCHS: Dict[str, str] = {
-    "alphaclip_vit_base_patch16_224": "ViT-B/16", "alphaclip_vit_large_patch14_224": "ViT-L/14",
-    "alphaclip_vit_large_patch14_336": "ViT-L/14@336", "alphaclip_vit_tiny_patch8_32": "tiny",
+#: The tiny test variant has 3 blocks (the core ``tiny`` has 2): timm's feature tests take the last 3.
+_ARCHS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "alphaclip_vit_base_patch16_224": ("ViT-B/16", {}), "alphaclip_vit_large_patch14_224": ("ViT-L/14", {}),
+    "alphaclip_vit_large_patch14_336": ("ViT-L/14@336", {}), "alphaclip_vit_tiny_patch8_32": ("tiny", dict(layers=3)),
 }
 RELEASE_FILES: Dict[str, str] = {
     "alphaclip_vit_base_patch16_224.grit1m": "clip_b16_grit1m_fultune_8xe.pth",
@@ -266,21 +278,35 @@ _TAGS: Dict[str, Tuple[str, ...]] = {
 
 
 def _cfg(variant: str, tag: str) -> Dict[str, Any]:
-    v = get_config(_ARCHS[variant]).vision
+    """A tag's pretrained cfg. ``file`` is the release file's name (so that ``timm.list_pretrained`` lists the
+    tag); it loads from the working directory, or from the path given by ``pretrained_cfg_overlay=dict(file=...)``."""
+    v = _vision(variant)
     file = RELEASE_FILES.get(f"{variant}.{tag}")
     openai = tag == "openai"
     if file:
         note = ("OpenAI CLIP with a zero alpha conv (equals CLIP)" if openai else "Alpha-CLIP release") + f" {file}"
     else:
         note = "test variant, no released weights"
+    paper = _PAPERS["openai" if openai else "alphaclip"]
     return dict(
-        url="", num_classes=v.embed_dim, input_size=(4, v.image_size, v.image_size), pool_size=None, crop_pct=1.0,
-        interpolation="bicubic", fixed_input_size=True, mean=RGBA_MEAN, std=RGBA_STD,
-        first_conv="patch_embed.proj", classifier="head",
-        origin_url="https://github.com/openai/CLIP" if openai else "https://github.com/SunzeY/AlphaCLIP",
-        paper_ids="arXiv:2103.00020" if openai else "arXiv:2312.03818",
+        url="", file=file, num_classes=v.embed_dim, input_size=(4, v.image_size, v.image_size), pool_size=None,
+        crop_pct=1.0, interpolation="bicubic", fixed_input_size=True, mean=RGBA_MEAN, std=RGBA_STD,
+        first_conv="patch_embed.proj", classifier="head", **paper,
         notes=(f"{note}; pass pretrained_cfg_overlay=dict(file=PATH)",),
     )
+
+
+#: The paper and license fields timm's CLIP configs carry. Alpha-CLIP's checkpoints are for research use only.
+_PAPERS: Dict[str, Dict[str, str]] = {
+    "alphaclip": dict(
+        paper_name="Alpha-CLIP: A CLIP Model Focusing on Wherever You Want", paper_ids="arXiv:2312.03818",
+        origin_url="https://github.com/SunzeY/AlphaCLIP", license="cc-by-nc-4.0",
+    ),
+    "openai": dict(
+        paper_name="Learning Transferable Visual Models From Natural Language Supervision",
+        paper_ids="arXiv:2103.00020", origin_url="https://github.com/openai/CLIP", license="mit",
+    ),
+}
 
 
 default_cfgs = generate_default_cfgs({f"{m}.{t}": _cfg(m, t) for m, tags in _TAGS.items() for t in tags})
@@ -306,5 +332,5 @@ def alphaclip_vit_large_patch14_336(pretrained: bool = False, **kwargs: Any) -> 
 
 @register_model
 def alphaclip_vit_tiny_patch8_32(pretrained: bool = False, **kwargs: Any) -> AlphaVisionTransformer:
-    """A tiny Alpha-CLIP tower for tests (core architecture ``tiny``: 32 px, patch 8, width 64, 2 blocks)."""
+    """A tiny Alpha-CLIP tower for tests (core architecture ``tiny`` with 3 blocks: 32 px, patch 8, width 64)."""
     return _create("alphaclip_vit_tiny_patch8_32", pretrained, **kwargs)

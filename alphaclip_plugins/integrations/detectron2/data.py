@@ -38,8 +38,8 @@ def alpha_mask(dataset_dict: Dict[str, Any], source: str, height: int, width: in
 class AlphaDatasetMapper(DatasetMapper):
     """``DatasetMapper`` whose ``image`` is ``[4, H, W]``: the image plus its alpha (255 = region).
 
-    The alpha channel is attached before augmentation, so resizing and flipping move image and alpha
-    together (PIL resizes the 4 channels as one RGBA image).
+    The augmentations' transforms are applied to the image and, as a separate plane, to the alpha map, so
+    resizing, cropping and flipping move both alike (never as one premultiplied RGBA image).
 
     Args:
         alpha_source: ``"whole"``, ``"gt_boxes"``, ``"gt_masks"`` or ``"prompt"``.
@@ -64,10 +64,15 @@ class AlphaDatasetMapper(DatasetMapper):
         image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
         alpha = alpha_mask(dataset_dict, self.alpha_source, *image.shape[:2])
-        image = np.concatenate([image, np.rint(alpha * 255).astype(image.dtype)[..., None]], axis=2)
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
-        image = aug_input.image
+        # The same geometric transforms move alpha as its own plane (PIL would resize an RGBA image
+        # premultiplied, blackening the image outside the region; a 2-D uint8 plane resizes as mode "L",
+        # bilinear); photometric ones (brightness, contrast...) leave it alone, as they leave masks.
+        alpha, photometric = np.rint(alpha * 255).astype(np.uint8), (T.ColorTransform, T.BlendTransform)
+        for t in transforms.transforms:
+            alpha = t.apply_segmentation(alpha) if isinstance(t, photometric) else t.apply_image(alpha)
+        image = np.concatenate([aug_input.image, alpha.astype(aug_input.image.dtype)[..., None]], axis=2)
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         if not self.is_train:
             dataset_dict.pop("annotations", None)
