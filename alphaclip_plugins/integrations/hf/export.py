@@ -20,7 +20,7 @@ from ...core.convert import alphaclip_to_hf, detect_format, strip_prefix, to_alp
 from ...core.io import CheckpointError, PathLike, read_state_dict
 from ...core.vision import resample_pos_embed
 from .configuration import AlphaCLIPConfig, AlphaCLIPVisionConfig
-from .modeling import AlphaCLIPModel, AlphaCLIPVisionModel, AlphaCLIPVisionModelWithProjection
+from .modeling import AlphaCLIPModel, AlphaCLIPVisionModel, AlphaCLIPVisionModelWithProjection, vision_body
 from .processing import AlphaCLIPImageProcessor
 
 Source = Union[PathLike, nn.Module, Mapping[str, torch.Tensor]]
@@ -117,7 +117,8 @@ def build_hf_model(source: Source, act: Optional[str] = None) -> PreTrainedModel
         hf = {k[len("vision_model."):]: v for k, v in hf.items() if k.startswith("vision_model.")}
     elif not isinstance(model, AlphaCLIPModel):
         hf = {k: v for k, v in hf.items() if k.startswith(("vision_model.", "visual_projection."))}
-    missing, unexpected = model.load_state_dict(hf, strict=False)
+    target = vision_body(model) if isinstance(model, AlphaCLIPVisionModel) else model  # a bare tower's own keys
+    missing, unexpected = target.load_state_dict(hf, strict=False)
     missing = [k for k in missing if not k.endswith("patch_embedding_alpha.weight")]  # plain CLIP: stays zero
     if missing or unexpected:
         raise CheckpointError(
@@ -168,7 +169,8 @@ def load_alpha_weights(
     vis = {k: v for k, v in to_alphaclip(raw).items() if k.startswith("visual.")}
     if "visual.conv1.weight" not in vis:
         raise CheckpointError(f"{source} holds no vision tower")
-    own = tower.state_dict()
+    body = vision_body(tower)  # keys without `vision_model.` on every transformers release
+    own = body.state_dict()
     positions = own["embeddings.position_embedding.weight"].shape[0]
     if vis["visual.positional_embedding"].shape[0] != positions:
         g = int(round((positions - 1) ** 0.5))
@@ -189,5 +191,5 @@ def load_alpha_weights(
             ]))
             + ". Use the Alpha-CLIP weights of the tower's architecture"
         )
-    tower.load_state_dict(hf, strict=False)
+    body.load_state_dict(hf, strict=False)
     return LoadResult(detect_format(raw), [], [], new_alpha)
