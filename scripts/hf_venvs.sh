@@ -2,6 +2,7 @@
 # Cached virtual environments for testing the Hugging Face integration on older transformers releases.
 #
 #   bash scripts/hf_venvs.sh NAME   -> builds the venv NAME once (cached), prints its python
+#   bash scripts/hf_venvs.sh test   -> builds both and runs tests/test_hf*.py in each (scripts/test.sh does)
 #
 # NAME is one of:
 #   tf-4.37.2   transformers 4.37.2 / tokenizers 0.15.1 (LLaVA's pins), plus the original LLaVA code base
@@ -14,7 +15,22 @@
 # work tree with PYTHONPATH, so nothing can move transformers. Venvs live under
 # ${ALPHACLIP_VENVS:-~/.cache/alphaclip-plugins/venvs}; one whose build did not finish is rebuilt.
 set -euo pipefail
-NAME=${1:?usage: hf_venvs.sh tf-4.37.2 | tf-4.57.6}
+NAME=${1:?usage: hf_venvs.sh tf-4.37.2 | tf-4.57.6 | test}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [ "$NAME" = test ]; then
+  # transformers 5.x is the main venv's: the main test run covers it.
+  failed=0
+  for venv in tf-4.37.2 tf-4.57.6; do
+    echo "== tests/test_hf*.py on $venv"
+    start=$SECONDS
+    py=$(bash "$0" "$venv")
+    echo "   venv ready in $((SECONDS - start)) s"
+    start=$SECONDS
+    (cd "$ROOT" && PYTHONPATH="$ROOT" "$py" -m pytest -q -p no:cacheprovider tests/test_hf*.py) || failed=1
+    echo "   tests ran in $((SECONDS - start)) s"
+  done
+  exit "$failed"
+fi
 CACHE=${ALPHACLIP_VENVS:-$HOME/.cache/alphaclip-plugins/venvs}
 TORCH="torch==2.14.1 torchvision==0.29.1"
 BASE_PKGS="numpy pillow safetensors open_clip_torch pycocotools tqdm pytest"

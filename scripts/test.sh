@@ -9,4 +9,11 @@ if [ -d alphaclip_plugins/integrations/mmdet ]; then
   # mmengine imports pkg_resources, which setuptools 81 removed.
   "$PY" -m pip install -q "mmdet==3.3.0" "mmengine==0.10.7" "setuptools>=77,<81"
 fi
-exec "$PY" -m pytest -q "$@"
+# The HF integration on older transformers (LLaVA's 4.37.2 with the original LLaVA code base, and 4.57), in
+# cached venvs; only for the whole suite. The main run comes last, so its summary closes the output.
+hf_status=0
+[ $# -gt 0 ] || bash scripts/hf_venvs.sh test || hf_status=$?
+rc=0
+"$PY" -m pytest -q "$@" || rc=$?
+[ "$rc" -ne 0 ] && exit "$rc"
+exit "$hf_status"

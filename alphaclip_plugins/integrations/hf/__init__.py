@@ -25,7 +25,7 @@ from .. import require
 
 require("transformers", "hf")
 
-from . import compat  # noqa: E402  (raises for transformers<4.37)
+from . import compat  # noqa: E402,F401  (first: it raises for transformers<4.37)
 from .configuration import AlphaCLIPConfig, AlphaCLIPVisionConfig  # noqa: E402
 from .modeling import (  # noqa: E402
     AlphaCLIPModel,
