@@ -8,7 +8,9 @@ Each class subclasses its CLIP counterpart and changes only what alpha needs:
 
 A 3-channel input is the whole image (alpha +1.9231 everywhere). With a zero alpha conv every class
 computes exactly what its CLIP parent computes, and stock CLIP checkpoints load with only
-``patch_embedding_alpha.weight`` newly initialised.
+``patch_embedding_alpha.weight`` newly initialised. Module layout and state-dict keys are the installed
+release's (``CLIPVisionModel`` is flat on 5.x and wraps ``vision_model`` on 4.x); :func:`vision_body` finds a
+tower's layers on any.
 """
 from __future__ import annotations
 
@@ -73,6 +75,8 @@ def vision_body(model: nn.Module) -> nn.Module:
     ``vision_model`` on 4.x; the ``vision_model`` of the projection and two-tower models on both.
     """
     while not hasattr(model, "embeddings"):
+        if not hasattr(model, "vision_model"):
+            raise TypeError(f"{type(model).__name__} holds no CLIP vision tower (no `embeddings` or `vision_model`)")
         model = model.vision_model
     return model
 
@@ -173,7 +177,11 @@ class AlphaCLIPModel(_ZeroAlphaInit, CLIPModel):
         alpha_values: Optional[torch.Tensor] = None,
         **kwargs: Any,
     ):
-        """Projected image features (``pooler_output [B, projection_dim]``) of RGB(A) images and regions."""
+        """Projected image features ``[B, projection_dim]`` of RGB(A) images and regions.
+
+        Returned as the installed ``CLIPModel.get_image_features`` returns them: a tensor on 4.x, an output
+        whose ``pooler_output`` they are on 5.x.
+        """
         pixel_values = merge_alpha(pixel_values, alpha_values)
         return super().get_image_features(pixel_values, **compat.interpolation(interpolate_pos_encoding), **kwargs)
 
