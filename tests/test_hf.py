@@ -165,6 +165,11 @@ def test_stock_clip_model_loads_into_two_tower_model(tmp_path):
     ref = stock(input_ids=ids, pixel_values=image).logits_per_image
     assert _diff(model(input_ids=ids, pixel_values=image).logits_per_image, ref) < TOL
     assert _diff(model(input_ids=ids, pixel_values=image, alpha_values=random_alpha(3, 32)).logits_per_image, ref) < TOL
+    # A whole CLIP's directory as a vision tower (LLaVA's mm_vision_tower, e.g. openai/clip-vit-large-patch14-336).
+    config = ahf.AlphaCLIPVisionConfig.from_pretrained(tmp_path)
+    assert (config.hidden_size, config.intermediate_size) == (TINY["hidden_size"], TINY["intermediate_size"])
+    tower = ahf.AlphaCLIPVisionModel.from_pretrained(tmp_path)
+    assert _diff(tower(image).pooler_output, stock.vision_model(image).pooler_output) < TOL
 
 
 @torch.no_grad()
