@@ -16,6 +16,7 @@ from alphaclip_plugins.core.config import get_config  # noqa: E402
 from alphaclip_plugins.core.convert import from_alphaclip  # noqa: E402
 from alphaclip_plugins.core.processor import RegionProcessor  # noqa: E402
 from alphaclip_plugins.core.vision import VisionTransformer  # noqa: E402
+from alphaclip_plugins.integrations.hf import compat, vision_body  # noqa: E402
 from conftest import HF_TINY_VISION, random_alpha, random_alpha_conv_  # noqa: E402
 from transformers import (  # noqa: E402
     AutoImageProcessor,
@@ -36,6 +37,15 @@ TINY_TEXT = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def _features(out) -> torch.Tensor:
+    """``get_*_features``' result: a tensor before v5, an output whose ``pooler_output`` it is from v5."""
+    return getattr(out, "pooler_output", out)
+
+
+#: Where a bare tower's keys start: flat from v5, under `vision_model.` before.
+TOWER_PREFIX = "" if compat.V5 else "vision_model."
 
 
 def _hf_from_core(core: VisionTransformer) -> ahf.AlphaCLIPVisionModelWithProjection:
@@ -108,7 +118,12 @@ def test_batch_is_per_sample_and_one_image_many_regions(towers):
         alone = hf(image, alpha_values=alpha[i : i + 1]).image_embeds
         assert _diff(shared[i : i + 1], alone) < TOL
     # Other resolutions: alpha goes through the same patch grid as the image.
-    big = hf(torch.randn(2, 3, 48, 48), alpha_values=random_alpha(2, 48), interpolate_pos_encoding=True)
+    image, alpha = torch.randn(2, 3, 48, 48), random_alpha(2, 48)
+    if not compat.CLIP_INTERPOLATES:
+        with pytest.raises(ahf.TransformersVersionError, match="needs transformers>=4.46"):
+            hf(image, alpha_values=alpha, interpolate_pos_encoding=True)
+        return
+    big = hf(image, alpha_values=alpha, interpolate_pos_encoding=True)
     assert big.last_hidden_state.shape == (2, 1 + 6 * 6, 64)
 
 
@@ -116,13 +131,19 @@ def test_batch_is_per_sample_and_one_image_many_regions(towers):
 def test_stock_clip_directory_loads_with_only_alpha_new(stock_dir, tmp_path):
     path, stock = stock_dir
     model, info = ahf.AlphaCLIPVisionModel.from_pretrained(path, output_loading_info=True)
-    assert info["missing_keys"] == {"embeddings.patch_embedding_alpha.weight"} and not info["unexpected_keys"]
-    assert model.embeddings.patch_embedding_alpha.weight.abs().max() == 0
+    assert set(info["missing_keys"]) == {TOWER_PREFIX + "embeddings.patch_embedding_alpha.weight"}
+    assert not info["unexpected_keys"]
+    assert vision_body(model).embeddings.patch_embedding_alpha.weight.abs().max() == 0
+    # Loaded the way LLaVA's builder loads its tower (device_map: accelerate's low-memory path), too.
+    mapped = ahf.AlphaCLIPVisionModel.from_pretrained(path, device_map="cpu")
+    assert vision_body(mapped).embeddings.patch_embedding_alpha.weight.abs().max() == 0
     image, alpha = torch.randn(2, 3, 32, 32), random_alpha(2, 32)
     ref = stock(image, output_hidden_states=True)
     out = model(torch.cat([image, alpha], dim=1), output_hidden_states=True)  # zero conv: alpha has no effect
     assert _diff(out.pooler_output, ref.pooler_output) < TOL
     assert all(_diff(a, b) < TOL for a, b in zip(out.hidden_states, ref.hidden_states))
+    if not compat.V5:
+        return  # the rest is v5 reading a tower written by 4.x, where `vision_model.` is the native layout
     # Checkpoints written before transformers v5 prefix the tower's keys with `vision_model.`.
     from safetensors.torch import load_file, save_file
 
@@ -141,23 +162,30 @@ def test_stock_clip_model_loads_into_two_tower_model(tmp_path):
     stock = CLIPModel(CLIPConfig(vision_config=TINY, text_config=TINY_TEXT, projection_dim=32)).eval()
     stock.save_pretrained(tmp_path)
     model, info = ahf.AlphaCLIPModel.from_pretrained(tmp_path, output_loading_info=True)
-    assert info["missing_keys"] == {"vision_model.embeddings.patch_embedding_alpha.weight"}
+    assert set(info["missing_keys"]) == {"vision_model.embeddings.patch_embedding_alpha.weight"}
     assert not info["unexpected_keys"]
     ids, image = torch.randint(1, 97, (2, 6)), torch.randn(3, 3, 32, 32)
     ids[:, -1] = 98
     ref = stock(input_ids=ids, pixel_values=image).logits_per_image
     assert _diff(model(input_ids=ids, pixel_values=image).logits_per_image, ref) < TOL
     assert _diff(model(input_ids=ids, pixel_values=image, alpha_values=random_alpha(3, 32)).logits_per_image, ref) < TOL
+    # A whole CLIP's directory as a vision tower (LLaVA's mm_vision_tower, e.g. openai/clip-vit-large-patch14-336).
+    config = ahf.AlphaCLIPVisionConfig.from_pretrained(tmp_path)
+    assert (config.hidden_size, config.intermediate_size) == (TINY["hidden_size"], TINY["intermediate_size"])
+    tower = ahf.AlphaCLIPVisionModel.from_pretrained(tmp_path)
+    assert _diff(tower(image).pooler_output, stock.vision_model(image).pooler_output) < TOL
 
 
 @torch.no_grad()
 def test_save_pretrained_round_trip_through_auto_classes(towers, tmp_path):
     _, hf = towers
-    hf.vision_model.save_pretrained(tmp_path / "tower")
+    tower = ahf.AlphaCLIPVisionModel(hf.config).eval()
+    vision_body(tower).load_state_dict(vision_body(hf).state_dict())
+    tower.save_pretrained(tmp_path / "tower")
     loaded, info = AutoModel.from_pretrained(tmp_path / "tower", output_loading_info=True)
     assert type(loaded) is ahf.AlphaCLIPVisionModel and not any(info[k] for k in ("missing_keys", "unexpected_keys"))
     image, alpha = torch.randn(2, 3, 32, 32), random_alpha(2, 32)
-    ref = hf.vision_model(image, alpha_values=alpha).pooler_output
+    ref = tower(image, alpha_values=alpha).pooler_output
     assert _diff(loaded(image, alpha_values=alpha).pooler_output, ref) == 0
     two = ahf.AlphaCLIPModel(ahf.AlphaCLIPConfig(vision_config=TINY, text_config=TINY_TEXT, projection_dim=32))
     assert two.vision_model.embeddings.patch_embedding_alpha.weight.abs().max() == 0  # a fresh model is CLIP
@@ -170,22 +198,24 @@ def test_attention_backends_checkpointing_and_bf16_behave_as_clip(stock_dir):
     path, stock = stock_dir
     torch.manual_seed(3)
     model = ahf.AlphaCLIPVisionModel.from_pretrained(path)
-    torch.nn.init.normal_(model.embeddings.patch_embedding_alpha.weight, std=0.05)
+    alpha_conv = vision_body(model).embeddings.patch_embedding_alpha.weight
+    torch.nn.init.normal_(alpha_conv, std=0.05)
     image, alpha = torch.randn(2, 3, 32, 32), random_alpha(2, 32)
     with torch.no_grad():
-        sdpa = model(image, alpha_values=alpha).last_hidden_state
-        model.set_attn_implementation("eager")
+        default = model(image, alpha_values=alpha).last_hidden_state
+        if hasattr(model, "set_attn_implementation"):  # before, CLIP's attention is eager only
+            model.set_attn_implementation("eager")
         eager = model(image, alpha_values=alpha, output_attentions=True)
-    assert _diff(eager.last_hidden_state, sdpa) < TOL and len(eager.attentions) == 2
+    assert _diff(eager.last_hidden_state, default) < TOL and len(eager.attentions) == 2
     model.train()
     plain = model(image, alpha_values=alpha).last_hidden_state
-    (grad_plain,) = torch.autograd.grad(plain.square().sum(), model.embeddings.patch_embedding_alpha.weight)
-    model.activation_checkpointing_enable()
+    (grad_plain,) = torch.autograd.grad(plain.square().sum(), alpha_conv)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ckpt = model(image, alpha_values=alpha).last_hidden_state
-    (grad_ckpt,) = torch.autograd.grad(ckpt.square().sum(), model.embeddings.patch_embedding_alpha.weight)
+    (grad_ckpt,) = torch.autograd.grad(ckpt.square().sum(), alpha_conv)
     assert _diff(ckpt, plain) < TOL and grad_plain.abs().sum() > 0 and _diff(grad_ckpt, grad_plain) < 1e-4
     # bf16 with fp32 inputs: a zero alpha conv gives exactly stock CLIP's bf16 output.
-    half = ahf.AlphaCLIPVisionModel.from_pretrained(path, dtype=torch.bfloat16).eval()
+    half = ahf.AlphaCLIPVisionModel.from_pretrained(path, **compat.dtype_kwarg(torch.bfloat16)).eval()
     with torch.no_grad():
         out = half(torch.cat([image, alpha], dim=1)).last_hidden_state
         assert out.dtype == torch.bfloat16
@@ -226,9 +256,9 @@ def test_export_hf_two_towers_and_official_vision_file(tmp_path):
     assert type(model) is ahf.AlphaCLIPModel
     assert type(AutoImageProcessor.from_pretrained(tmp_path / "full")) is ahf.AlphaCLIPImageProcessor
     image, alpha, text = torch.randn(2, 3, 32, 32), random_alpha(2, 32), tokenize(["a cat", "a dog on a mat"])
-    features = model.get_image_features(image, alpha_values=alpha).pooler_output
+    features = _features(model.get_image_features(image, alpha_values=alpha))
     assert _diff(features, core.encode_image(image, alpha)) < TOL
-    assert _diff(model.get_text_features(text).pooler_output, core.encode_text(text)) < TOL
+    assert _diff(_features(model.get_text_features(text)), core.encode_text(text)) < TOL
     out = model(input_ids=text, pixel_values=torch.cat([image, alpha], dim=1))
     assert _diff(out.image_embeds, core.encode_image(image, alpha, normalize=True)) < TOL
     save_official(core.visual, tmp_path / "alpha.pth")  # the released format: a vision tower only

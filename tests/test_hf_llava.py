@@ -15,9 +15,11 @@ import alphaclip_plugins.integrations.hf as ahf  # noqa: E402
 from alphaclip_plugins.core.checkpoint import save_official  # noqa: E402
 from alphaclip_plugins.core.config import get_config  # noqa: E402
 from alphaclip_plugins.core.vision import VisionTransformer  # noqa: E402
+from alphaclip_plugins.integrations.hf import compat, vision_body  # noqa: E402
+from alphaclip_plugins.integrations.hf.llava import _llava_core  # noqa: E402
 from conftest import HF_TINY_VISION, random_alpha, random_alpha_conv_  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForImageTextToText,
+    AutoProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
     LlamaConfig,
@@ -33,6 +35,13 @@ WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:", "wha
 ]
 IMAGE_TOKEN = 4
 PROMPT = "USER: <image> what is this ? ASSISTANT:"
+#: <image> tokens per image in input_ids: (32 / 8)^2 patches without CLS where the processor expands them
+#: (transformers 4.45 on), one before (the model expands it).
+IMAGE_TOKENS = 16 if compat.LLAVA_PROCESSOR_EXPANDS else 1
+
+
+def _alpha_conv(model) -> torch.Tensor:
+    return vision_body(_llava_core(model).vision_tower).embeddings.patch_embedding_alpha.weight
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +69,8 @@ def _config(vision_config) -> LlavaConfig:
 def llava():
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(_config(ahf.AlphaCLIPVisionConfig(**VISION))).eval()
-    assert model.model.vision_tower.embeddings.patch_embedding_alpha.weight.abs().max() == 0  # starts as CLIP
-    torch.nn.init.normal_(model.model.vision_tower.embeddings.patch_embedding_alpha.weight, std=0.2)
+    assert _alpha_conv(model).abs().max() == 0  # starts as CLIP
+    torch.nn.init.normal_(_alpha_conv(model), std=0.2)
     return model
 
 
@@ -76,39 +85,39 @@ def _images_and_masks():
 
 
 def test_config_with_alpha_vision_builds_and_round_trips(llava, tmp_path):
-    assert type(llava.model.vision_tower) is ahf.AlphaCLIPVisionModel
+    assert type(_llava_core(llava).vision_tower) is ahf.AlphaCLIPVisionModel
     llava.save_pretrained(tmp_path)
-    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
-    assert type(loaded.model.vision_tower) is ahf.AlphaCLIPVisionModel
-    assert torch.equal(loaded.model.vision_tower.embeddings.patch_embedding_alpha.weight,
-                       llava.model.vision_tower.embeddings.patch_embedding_alpha.weight)
+    loaded = compat.AutoImageTextModel.from_pretrained(tmp_path)
+    assert type(_llava_core(loaded).vision_tower) is ahf.AlphaCLIPVisionModel
+    assert torch.equal(_alpha_conv(loaded), _alpha_conv(llava))
 
 
 @torch.no_grad()
 def test_alphafy_llava_keeps_weights_and_loads_alpha_checkpoint(tmp_path):
     torch.manual_seed(1)
     model = LlavaForConditionalGeneration(_config(CLIPVisionConfig(**VISION))).eval()
-    model.model.vision_tower.requires_grad_(False)
-    ids = torch.tensor([[2, 5] + [IMAGE_TOKEN] * 16 + [7, 8, 9, 10, 6]])
+    _llava_core(model).vision_tower.requires_grad_(False)
+    ids = torch.tensor([[2, 5] + [IMAGE_TOKEN] * IMAGE_TOKENS + [7, 8, 9, 10, 6]])
     pixels = torch.randn(1, 3, 32, 32)
-    before = model(input_ids=ids, pixel_values=pixels).logits
+    mask = torch.ones_like(ids)  # 4.37's LLaVA needs one
+    before = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
     n_params = sum(p.numel() for p in model.parameters())
     ahf.alphafy_llava(model)
-    tower = model.model.vision_tower
+    tower = _llava_core(model).vision_tower
     assert type(tower) is ahf.AlphaCLIPVisionModel and type(model.config.vision_config) is ahf.AlphaCLIPVisionConfig
     assert not any(p.requires_grad for n, p in tower.named_parameters() if "alpha" not in n)
-    added = tower.embeddings.patch_embedding_alpha.weight.numel()
+    added = _alpha_conv(model).numel()
     assert sum(p.numel() for p in model.parameters()) == n_params + added  # the tower was reused, not copied
-    assert _max(model(input_ids=ids, pixel_values=pixels).logits - before) == 0
+    assert _max(model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits - before) == 0
     rgba = torch.cat([pixels, random_alpha(1, 32)], dim=1)
-    assert _max(model(input_ids=ids, pixel_values=rgba).logits - before) < TOL  # alpha conv is still zero
+    assert _max(model(input_ids=ids, pixel_values=rgba, attention_mask=mask).logits - before) < TOL  # zero alpha conv
     core = VisionTransformer(get_config("tiny").vision)
     random_alpha_conv_(core)
     save_official(core, tmp_path / "alpha.pth")
     ahf.alphafy_llava(model, alpha_checkpoint=tmp_path / "alpha.pth")
-    assert torch.equal(tower.embeddings.patch_embedding_alpha.weight, core.conv1_alpha.weight)
-    assert torch.equal(tower.encoder.layers[1].mlp.fc2.weight, core.transformer.resblocks[1].mlp.c_proj.weight)
-    assert _max(model(input_ids=ids, pixel_values=rgba).logits - before) > 1e-3
+    assert torch.equal(_alpha_conv(model), core.conv1_alpha.weight)
+    assert torch.equal(vision_body(tower).encoder.layers[1].mlp.fc2.weight, core.transformer.resblocks[1].mlp.c_proj.weight)
+    assert _max(model(input_ids=ids, pixel_values=rgba, attention_mask=mask).logits - before) > 1e-3
 
 
 def _max(t: torch.Tensor) -> float:
@@ -120,14 +129,18 @@ def test_processor_builds_prompts_and_rgba_pixels(llava, tokenizer, tmp_path):
     images, masks = _images_and_masks()
     inputs = processor(images=images, text=[PROMPT] * 2, regions=masks[:2], return_tensors="pt")
     assert inputs["pixel_values"].shape == (2, 4, 32, 32)
-    assert (inputs["input_ids"] == IMAGE_TOKEN).sum(dim=1).tolist() == [16, 16]  # (32 / 8)^2 patches, no CLS
+    assert (inputs["input_ids"] == IMAGE_TOKEN).sum(dim=1).tolist() == [IMAGE_TOKENS] * 2
     ref = ahf.AlphaCLIPImageProcessor(image_size=32)(images, regions=masks[:2])["pixel_values"]
     assert torch.equal(inputs["pixel_values"], ref)
     with pytest.raises(ValueError, match="one region per image"):
         processor(images=images, text=[PROMPT] * 2, regions=[[masks[0], masks[2]], masks[1]])
+    llava.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    loaded = ahf.AlphaLlavaProcessor.from_pretrained(tmp_path)
-    assert type(loaded.image_processor) is ahf.AlphaCLIPImageProcessor and loaded.image_processor.image_size == 32
+    for loaded in (ahf.AlphaLlavaProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
+        assert type(loaded) is ahf.AlphaLlavaProcessor
+        assert type(loaded.image_processor) is ahf.AlphaCLIPImageProcessor and loaded.image_processor.image_size == 32
+        again = loaded(images=images, text=[PROMPT] * 2, regions=masks[:2], return_tensors="pt")
+        assert all(torch.equal(again[k], inputs[k]) for k in inputs)
 
 
 def test_forward_with_labels_and_generate_per_sample_regions(llava, tokenizer):
@@ -138,7 +151,7 @@ def test_forward_with_labels_and_generate_per_sample_regions(llava, tokenizer):
     out = llava(**inputs, labels=labels)
     assert torch.isfinite(out.loss)
     out.loss.backward()
-    assert llava.model.vision_tower.embeddings.patch_embedding_alpha.weight.grad.abs().sum() > 0
+    assert _alpha_conv(llava).grad.abs().sum() > 0
     llava.zero_grad()
     other = processor(images=images, text=[PROMPT] * 2, regions=[masks[0], masks[2]], return_tensors="pt")
     kw = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)

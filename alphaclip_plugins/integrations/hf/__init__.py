@@ -1,8 +1,9 @@
-"""Alpha-CLIP for Hugging Face transformers (v5): models, image processor, LLaVA and BLIP-2.
+"""Alpha-CLIP for Hugging Face transformers (4.37 through 5.x): models, image processor, LLaVA and BLIP-2.
 
 Importing this module registers the classes with transformers' auto classes (``AutoConfig``,
 ``AutoModel``, ``AutoModelForZeroShotImageClassification``, ``AutoImageProcessor``) and the key
-renames that let stock CLIP checkpoints load. It needs ``pip install 'alphaclip-plugins[hf]'``.
+renames that let stock CLIP checkpoints load. It needs ``pip install 'alphaclip-plugins[hf]'`` (which keeps
+an installed transformers>=4.37); what differs between releases lives in :mod:`.compat`.
 
 Example::
 
@@ -22,13 +23,9 @@ from __future__ import annotations
 
 from .. import require
 
-_transformers = require("transformers", "hf")
-if int(_transformers.__version__.split(".")[0]) < 5:
-    raise ImportError(
-        f"alphaclip_plugins.integrations.hf needs transformers>=5 (found {_transformers.__version__}); "
-        f"upgrade with: pip install -U 'alphaclip-plugins[hf]'"
-    )
+require("transformers", "hf")
 
+from . import compat  # noqa: E402,F401  (first: it raises for transformers<4.37)
 from .configuration import AlphaCLIPConfig, AlphaCLIPVisionConfig  # noqa: E402
 from .modeling import (  # noqa: E402
     AlphaCLIPModel,
@@ -36,6 +33,7 @@ from .modeling import (  # noqa: E402
     AlphaCLIPVisionModel,
     AlphaCLIPVisionModelWithProjection,
     merge_alpha,
+    vision_body,
 )
 from .processing import AlphaCLIPImageProcessor  # noqa: E402
 from .registration import register  # noqa: E402
@@ -43,6 +41,7 @@ from .export import build_hf_model, export_hf, load_alpha_weights  # noqa: E402
 from .llava import AlphaLlavaProcessor, alphafy_llava  # noqa: E402
 from .llava_tower import AlphaCLIPVisionTower  # noqa: E402
 from .blip2 import AlphaBlip2Config, AlphaBlip2ForConditionalGeneration, AlphaBlip2VisionModel  # noqa: E402
+from .compat import TransformersVersionError  # noqa: E402
 
 register()
 
@@ -50,5 +49,5 @@ __all__ = [
     "AlphaCLIPConfig", "AlphaCLIPVisionConfig", "AlphaCLIPModel", "AlphaCLIPVisionEmbeddings", "AlphaCLIPVisionModel",
     "AlphaCLIPVisionModelWithProjection", "AlphaCLIPImageProcessor", "merge_alpha", "build_hf_model", "export_hf",
     "load_alpha_weights", "AlphaLlavaProcessor", "alphafy_llava", "AlphaCLIPVisionTower", "AlphaBlip2Config",
-    "AlphaBlip2ForConditionalGeneration", "AlphaBlip2VisionModel", "register",
+    "AlphaBlip2ForConditionalGeneration", "AlphaBlip2VisionModel", "register", "vision_body", "TransformersVersionError",
 ]

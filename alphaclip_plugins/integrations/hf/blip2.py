@@ -19,17 +19,19 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Blip2Config, Blip2ForConditionalGeneration
 from transformers.models.blip_2.modeling_blip_2 import Blip2PreTrainedModel, Blip2QFormerModel
 
+from . import compat
 from .configuration import AlphaCLIPVisionConfig, architecture_dict
-from .modeling import AlphaCLIPVisionModel, merge_alpha
+from .modeling import AlphaCLIPVisionModel, merge_alpha, vision_body
 
 logger = logging.getLogger(__name__)
 
 
+@compat.builds_sub_configs
 class AlphaBlip2Config(Blip2Config):
     """A :class:`~transformers.Blip2Config` whose ``vision_config`` is an :class:`AlphaCLIPVisionConfig`."""
 
     model_type = "alphaclip_blip_2"
-    sub_configs_defaults = {**Blip2Config.sub_configs_defaults, "vision_config": AlphaCLIPVisionConfig}
+    sub_configs_defaults = {**compat.sub_configs_defaults(Blip2Config), "vision_config": AlphaCLIPVisionConfig}
 
 
 class AlphaBlip2VisionModel(AlphaCLIPVisionModel):
@@ -41,9 +43,10 @@ class AlphaBlip2VisionModel(AlphaCLIPVisionModel):
 
     def forward(self, pixel_values: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any):
         out = super().forward(pixel_values, *args, **kwargs)
+        norm = vision_body(self).post_layernorm
         if isinstance(out, tuple):
-            return (self.post_layernorm(out[0]),) + tuple(out[1:])
-        out.last_hidden_state = self.post_layernorm(out.last_hidden_state)
+            return (norm(out[0]),) + tuple(out[1:])
+        out.last_hidden_state = norm(out.last_hidden_state)
         return out
 
 
@@ -74,14 +77,26 @@ class AlphaBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
 
     def forward(self, pixel_values: Optional[torch.Tensor] = None, input_ids: Optional[torch.LongTensor] = None,
                 *args: Any, alpha_values: Optional[torch.Tensor] = None, **kwargs: Any):
-        """As ``Blip2ForConditionalGeneration.forward``; ``input_ids`` start with ``num_query_tokens`` image tokens."""
-        return super().forward(merge_alpha(pixel_values, alpha_values), input_ids, *args, **kwargs)
+        """As ``Blip2ForConditionalGeneration.forward``: one prompt in ``input_ids`` per (image, region) sample.
+
+        Where the release's ``Blip2Processor`` puts ``num_query_tokens`` image tokens in front of each prompt
+        (transformers 5, 4.57), ``input_ids`` start with them; on older releases (4.37) the model puts the query
+        outputs in front of the prompt itself.
+        """
+        pixel_values = merge_alpha(pixel_values, alpha_values)
+        _check_one_prompt_per_region(pixel_values, input_ids)
+        return super().forward(pixel_values, input_ids, *args, **kwargs)
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, *args: Any, alpha_values: Optional[torch.Tensor] = None,
                  **kwargs: Any) -> torch.LongTensor:
-        """Caption each (image, region) sample: ``[B, tokens]`` ids, as ``Blip2ForConditionalGeneration.generate``."""
-        return super().generate(merge_alpha(pixel_values, alpha_values), *args, **kwargs)
+        """Caption each (image, region) sample: ``[B, tokens]`` ids, as ``Blip2ForConditionalGeneration.generate``.
+
+        ``input_ids`` (optional) hold one prompt per sample.
+        """
+        pixel_values = merge_alpha(pixel_values, alpha_values)
+        _check_one_prompt_per_region(pixel_values, args[0] if args else kwargs.get("input_ids"))
+        return super().generate(pixel_values, *args, **kwargs)
 
     def freeze_for_qformer_tuning(self, train_language_projection: bool = True) -> List[str]:
         """Freeze the image tower and the language model; train the Q-Former, its queries (and the projection).
@@ -121,3 +136,12 @@ class AlphaBlip2ForConditionalGeneration(Blip2ForConditionalGeneration):
             logger.warning("re-initialised for the new tower width (train them): %s", ", ".join(fresh))
         model.reinitialized_keys = fresh  # type: ignore[attr-defined]
         return model.eval()
+
+
+def _check_one_prompt_per_region(pixel_values: Optional[torch.Tensor], input_ids: Optional[torch.Tensor]) -> None:
+    """BLIP-2 pairs sample i's image features with prompt i; other counts would drop or reuse regions silently."""
+    if pixel_values is not None and input_ids is not None and pixel_values.shape[0] != input_ids.shape[0]:
+        raise ValueError(
+            f"got {pixel_values.shape[0]} (image, region) samples but {input_ids.shape[0]} prompts; BLIP-2 captions "
+            f"one region per prompt: repeat the prompt for each region (or the image for each prompt)"
+        )

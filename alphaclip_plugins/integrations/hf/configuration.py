@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
-from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
+from .compat import PretrainedConfig, builds_sub_configs
 
 #: Keys of a serialised config that describe the file rather than the architecture.
 _META_KEYS = ("model_type", "transformers_version", "architectures", "_name_or_path", "auto_map")
@@ -22,6 +24,9 @@ class _ReadsCLIPConfigs:
     @classmethod
     def get_config_dict(cls, *args: Any, **kwargs: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         config_dict, kwargs = super().get_config_dict(*args, **kwargs)  # type: ignore[misc]
+        key = getattr(cls, "base_config_key", None)
+        if key and isinstance(config_dict.get(key), dict):  # a vision config read from a whole CLIP's config.json
+            config_dict = config_dict[key]
         for d in (config_dict, config_dict.get("vision_config")):
             if isinstance(d, dict) and d.get("model_type") in _ADOPTED:
                 d["model_type"] = _ADOPTED[d["model_type"]]
@@ -36,15 +41,16 @@ class AlphaCLIPVisionConfig(_ReadsCLIPConfigs, CLIPVisionConfig):
     """
 
     model_type = "alphaclip_vision_model"
-    base_config_key = "vision_config"
+    base_config_key = "vision_config"  # its part of a whole CLIP's config
 
     @classmethod
-    def from_clip(cls, config: PreTrainedConfig, **overrides: Any) -> "AlphaCLIPVisionConfig":
+    def from_clip(cls, config: PretrainedConfig, **overrides: Any) -> "AlphaCLIPVisionConfig":
         """The same architecture as a ``CLIPVisionConfig`` (or the vision part of a ``CLIPConfig``)."""
         config = getattr(config, "vision_config", None) or config
         return cls(**{**architecture_dict(config), **overrides})
 
 
+@builds_sub_configs
 class AlphaCLIPConfig(_ReadsCLIPConfigs, CLIPConfig):
     """A :class:`~transformers.CLIPConfig` whose vision tower is an :class:`AlphaCLIPVisionConfig`."""
 
@@ -59,7 +65,7 @@ class AlphaCLIPConfig(_ReadsCLIPConfigs, CLIPConfig):
             self.vision_config = AlphaCLIPVisionConfig.from_clip(self.vision_config)
 
 
-def architecture_dict(config: PreTrainedConfig) -> Dict[str, Any]:
+def architecture_dict(config: PretrainedConfig) -> Dict[str, Any]:
     """``config.to_dict()`` without the keys that name its class or file (to rebuild it as another class)."""
     d = config.to_dict()
     for key in _META_KEYS:

@@ -20,7 +20,7 @@ from ...core.convert import from_alphaclip
 from ...core.io import CheckpointError, PathLike, atomic_directory
 from ...core.weights import LoadReport, Weights, infer_config, read_weights, resolve
 from .configuration import AlphaCLIPConfig, AlphaCLIPVisionConfig
-from .modeling import AlphaCLIPModel, AlphaCLIPVisionModel, AlphaCLIPVisionModelWithProjection
+from .modeling import AlphaCLIPModel, AlphaCLIPVisionModel, AlphaCLIPVisionModelWithProjection, vision_body
 from .processing import AlphaCLIPImageProcessor
 
 Source = Union[PathLike, nn.Module, Mapping[str, torch.Tensor]]
@@ -101,17 +101,26 @@ def build_hf_model(source: Source, act: Optional[str] = None) -> PreTrainedModel
 
 
 def _load_hf(model: PreTrainedModel, hf: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load HF-layout weights (``vision_model.*`` ...) into ``model``, whichever of them it has, strictly."""
-    own = model.state_dict()
-    if not any(k.startswith("vision_model.") for k in own):  # a bare vision tower holds its keys unprefixed
+    """Load HF-layout weights (``vision_model.*`` ...) into ``model``, strictly, on every transformers release.
+
+    A bare tower (``AlphaCLIPVisionModel``) loads into its body (``vision_body``), whose keys have no
+    ``vision_model.`` prefix whether the release wraps the body (4.x) or not (5.x); a vision model takes no
+    text tower.
+    """
+    if isinstance(model, AlphaCLIPVisionModel):
+        target = vision_body(model)
         hf = {k[len("vision_model."):]: v for k, v in hf.items() if k.startswith("vision_model.")}
-    hf = {k: v for k, v in hf.items() if k in own or k.startswith("vision_model.")}  # a vision model: no text tower
+    else:
+        target = model
+        if not isinstance(model, AlphaCLIPModel):
+            hf = {k: v for k, v in hf.items() if k.startswith(("vision_model.", "visual_projection."))}
+    own = target.state_dict()
     missing = [k for k in own if k not in hf]
     unexpected = [k for k in hf if k not in own]
     if missing or unexpected:
         raise CheckpointError(f"{source} does not fit {type(model).__name__}: missing {missing[:4] or 'nothing'}, "
                               f"unexpected {unexpected[:4] or 'nothing'}")
-    model.load_state_dict(hf, strict=True)
+    target.load_state_dict(hf, strict=True)
 
 
 def export_hf(

@@ -19,17 +19,23 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 from transformers import CLIPVisionModel, LlavaProcessor, PreTrainedModel
+from transformers.image_processing_utils import BatchFeature
 
 from ...core.io import PathLike
+from . import compat
 from .configuration import AlphaCLIPVisionConfig
 from .export import load_alpha_weights
-from .modeling import AlphaCLIPVisionModel
+from .modeling import AlphaCLIPVisionModel, vision_body
 from .processing import AlphaCLIPImageProcessor
 
 
 def _llava_core(model: nn.Module) -> nn.Module:
-    """The module holding ``vision_tower`` (``LlavaModel``), from it or ``LlavaForConditionalGeneration``."""
-    for candidate in (model, getattr(model, "model", None)):
+    """The module holding ``vision_tower`` (``LlavaModel``), from it or ``LlavaForConditionalGeneration``.
+
+    (4.4x's ``LlavaForConditionalGeneration.vision_tower`` is a read-only view of ``model.vision_tower``; 4.37's
+    holds the tower itself.)
+    """
+    for candidate in (getattr(model, "model", None), model):
         if candidate is not None and hasattr(candidate, "vision_tower"):
             return candidate
     raise TypeError(f"{type(model).__name__} has no vision_tower; pass a LlavaForConditionalGeneration or LlavaModel")
@@ -39,19 +45,19 @@ def _alpha_tower(old: CLIPVisionModel) -> AlphaCLIPVisionModel:
     """The same tower, alpha-aware: its tensors are reused (no copy), the alpha conv starts at zero."""
     config = AlphaCLIPVisionConfig.from_clip(old.config)
     config._attn_implementation = old.config._attn_implementation
-    reference = old.embeddings.patch_embedding.weight
+    reference = vision_body(old).embeddings.patch_embedding.weight
     with torch.device("meta"):  # no memory and no random init for weights that are replaced next
         tower = AlphaCLIPVisionModel(config)
     trainable = {n: p.requires_grad for n, p in old.named_parameters()}
     tower.load_state_dict(old.state_dict(keep_vars=True), strict=False, assign=True)
     for name, param in tower.named_parameters():  # `assign` keeps the new module's flags; restore the old ones
         param.requires_grad_(trainable.get(name, param.requires_grad))
-    emb = tower.embeddings
+    emb = vision_body(tower).embeddings
     emb.patch_embedding_alpha.weight = nn.Parameter(
         torch.zeros(emb.embed_dim, 1, emb.patch_size, emb.patch_size, device=reference.device, dtype=reference.dtype),
         requires_grad=reference.requires_grad,
     )
-    emb.position_ids = old.embeddings.position_ids  # a non-persistent buffer: not in the state dict
+    emb.position_ids = vision_body(old).embeddings.position_ids  # a non-persistent buffer: not in the state dict
     left = [n for n, t in itertools.chain(tower.named_parameters(), tower.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"could not carry over {left} from the CLIP tower; is it a CLIPVisionModel?")
@@ -91,16 +97,29 @@ def alphafy_llava(
     return model
 
 
+class AlphaLlavaProcessorKey(compat.PretrainedConfig):
+    """Only a key: ``AutoProcessor`` looks registered processors up by a config class (no model uses this one)."""
+
+    model_type = "alphaclip_llava_processor"
+
+
 class AlphaLlavaProcessor(LlavaProcessor):
     """``LlavaProcessor`` for 4-channel images: prompts with image tokens, and RGBA ``pixel_values``.
 
     ``processor(images=[img_a, img_b], text=[prompt_a, prompt_b], regions=[mask_a, box_b])`` gives one
-    region per image (a box is a tuple ``(x0, y0, x1, y1)``; None = whole image). The stock processor
-    cannot size a 4-channel image; this one counts image tokens from the tensor's height and width.
+    region per image (a box is a tuple ``(x0, y0, x1, y1)``; None = whole image). Where the release's LLaVA
+    wants each ``<image>`` expanded in the prompt (transformers 4.45 on), this processor counts the image
+    tokens from the tensor's height and width (the stock one cannot size a 4-channel image); before 4.45
+    the model expands it.
 
     Build it with :meth:`from_model` or as ``LlavaProcessor`` is built, with an
-    :class:`AlphaCLIPImageProcessor` as ``image_processor``.
+    :class:`AlphaCLIPImageProcessor` as ``image_processor``. ``save_pretrained`` writes it; ``from_pretrained``
+    and ``AutoProcessor.from_pretrained`` read it back.
     """
+
+    if compat.PROCESSOR_PART_CLASSES:
+        image_processor_class = compat.PROCESSOR_PART_CLASSES["image_processor_class"]
+        tokenizer_class = compat.PROCESSOR_PART_CLASSES["tokenizer_class"]
 
     @classmethod
     def from_model(
@@ -109,37 +128,51 @@ class AlphaLlavaProcessor(LlavaProcessor):
         """A processor matching ``model``'s tower size, patch size and feature selection."""
         config = model.config
         vision = config.vision_config
-        return cls(
-            image_processor=AlphaCLIPImageProcessor(image_size=vision.image_size, mode=mode), tokenizer=tokenizer,
-            patch_size=vision.patch_size, vision_feature_select_strategy=config.vision_feature_select_strategy,
-            num_additional_image_tokens=1, **kwargs,
-        )
+        if compat.LLAVA_PROCESSOR_EXPANDS:
+            kwargs = dict(patch_size=vision.patch_size, num_additional_image_tokens=1,
+                          vision_feature_select_strategy=config.vision_feature_select_strategy, **kwargs)
+        return cls(image_processor=AlphaCLIPImageProcessor(image_size=vision.image_size, mode=mode),
+                   tokenizer=tokenizer, **kwargs)
 
-    def __call__(self, images: Any = None, text: Any = None, regions: Any = None, **kwargs: Any):
-        """As ``LlavaProcessor.__call__``, plus ``regions``: one per image (mask, box, polygon, RLE or None)."""
-        if regions is not None:
-            if images is None:
-                raise ValueError("got regions without images; pass the images the regions belong to")
-            images_kwargs = dict(kwargs.pop("images_kwargs", {}))
-            images_kwargs["regions"] = regions
-            kwargs["images_kwargs"] = images_kwargs
-        return super().__call__(images=images, text=text, **kwargs)
+    def __call__(self, images: Any = None, text: Any = None, regions: Any = None, return_tensors: Any = None,
+                 images_kwargs: Optional[dict] = None, **text_kwargs: Any) -> BatchFeature:
+        """Prompts and images -> ``input_ids``, ``attention_mask`` and ``pixel_values [B, 4, H, W]``.
 
-    def _process_images(self, images: Any, **kwargs: Any):
-        """The stock step, plus a check that every image got exactly one region."""
-        processed, replacements = super()._process_images(images, **kwargs)
-        samples = len(processed["pixel_values"])
-        if samples != len(replacements):
-            raise ValueError(
-                f"got {len(replacements)} images but {samples} regions; an <image> token takes one region, so pass "
-                f"one region per image (repeat an image to ask about several of its regions)"
-            )
-        return processed, replacements
+        Args:
+            images: one image or a list (PIL, numpy ``[H, W, 3]``, torch ``[3, H, W]``), one per ``<image>``.
+            text: a prompt or a list of prompts with ``<image>`` where each image goes.
+            regions: one per image (mask, box, polygon, RLE or None = whole image); None = every image whole.
+            return_tensors: ``"pt"``, ``"np"`` or None.
+            images_kwargs: options of :meth:`AlphaCLIPImageProcessor.preprocess` (``mode``, ``image_size``).
+            **text_kwargs: the tokenizer's options (``padding``, ``truncation``, ...).
+        """
+        if images is None and text is None:
+            raise ValueError("pass images, text or both")
+        if regions is not None and images is None:
+            raise ValueError("got regions without images; pass the images the regions belong to")
+        data: dict = {}
+        if images is not None:
+            batch = self.image_processor(images, regions=regions, return_image_index=True, return_tensors="pt",
+                                         **(images_kwargs or {}))
+            index = batch["image_index"]
+            if not torch.equal(index, torch.arange(len(index))):
+                raise ValueError(
+                    f"got {int(index.max()) + 1} images but {len(index)} regions; an <image> token takes one region, "
+                    f"so pass one region per image (repeat an image to ask about several of its regions)"
+                )
+            data["pixel_values"] = batch["pixel_values"]
+        if text is not None:
+            prompts = [text] if isinstance(text, str) else list(text)
+            if images is not None and compat.LLAVA_PROCESSOR_EXPANDS:
+                token = self.image_token
+                prompts = [p.replace(token, token * self._image_tokens(data["pixel_values"])) for p in prompts]
+            data.update(self.tokenizer(prompts, **{"return_token_type_ids": False, **text_kwargs}))
+        return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-        """The ``<image>`` tokens of one image, counted from its ``[4, H, W]`` tensor's height and width."""
-        height, width = image_inputs["pixel_values"][image_idx].shape[-2:]
+    def _image_tokens(self, pixel_values: torch.Tensor) -> int:
+        """How many ``<image>`` tokens one image takes, from its ``[4, H, W]`` height and width."""
+        if self.patch_size is None:
+            raise ValueError("this processor has no patch_size; build it with AlphaLlavaProcessor.from_model(model, ...)")
+        height, width = pixel_values.shape[-2:]
         tokens = (height // self.patch_size) * (width // self.patch_size) + self.num_additional_image_tokens
-        if self.vision_feature_select_strategy == "default":
-            tokens -= 1  # the class token is dropped
-        return self.image_token * tokens
+        return tokens - 1 if self.vision_feature_select_strategy == "default" else tokens  # "default" drops CLS

@@ -8,7 +8,9 @@ Each class subclasses its CLIP counterpart and changes only what alpha needs:
 
 A 3-channel input is the whole image (alpha +1.9231 everywhere). With a zero alpha conv every class
 computes exactly what its CLIP parent computes, and stock CLIP checkpoints load with only
-``patch_embedding_alpha.weight`` newly initialised.
+``patch_embedding_alpha.weight`` newly initialised. Module layout and state-dict keys are the installed
+release's (``CLIPVisionModel`` is flat on 5.x and wraps ``vision_model`` on 4.x); :func:`vision_body` finds a
+tower's layers on any.
 """
 from __future__ import annotations
 
@@ -17,10 +19,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel, CLIPVisionModelWithProjection
-from transformers import initialization as init
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel, CLIPVisionEmbeddings
 
 from ...core.vision import embed_alpha, split_rgba
+from . import compat
 from .configuration import AlphaCLIPConfig, AlphaCLIPVisionConfig
 
 
@@ -58,7 +60,7 @@ class AlphaCLIPVisionEmbeddings(CLIPVisionEmbeddings):
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """``[B, 3 or 4, H, W]`` -> tokens ``[B, 1 + H/p * W/p, hidden]`` (class token first)."""
         rgb, alpha = split_rgba(pixel_values, None)
-        embeddings = super().forward(rgb, interpolate_pos_encoding=interpolate_pos_encoding)
+        embeddings = super().forward(rgb, **compat.interpolation(interpolate_pos_encoding))
         # [B, hidden, h, w] (or [1, hidden, 1, 1] for the whole image) -> [B, h*w, hidden]
         alpha_embeds = embed_alpha(self.patch_embedding_alpha, alpha).flatten(2).transpose(1, 2)
         # Adding after the positional embedding equals adding before it: only the patch tokens change.
@@ -66,7 +68,30 @@ class AlphaCLIPVisionEmbeddings(CLIPVisionEmbeddings):
         return torch.cat([embeddings[:, :1], patches], dim=1)
 
 
-class AlphaCLIPVisionModel(CLIPVisionModel):
+def vision_body(model: nn.Module) -> nn.Module:
+    """The module holding a vision tower's ``embeddings``, ``encoder`` and layer norms, in any of the models.
+
+    That is the tower itself on transformers 5 (``AlphaCLIPVisionModel`` is flat there) and its
+    ``vision_model`` on 4.x; the ``vision_model`` of the projection and two-tower models on both.
+    """
+    while not hasattr(model, "embeddings"):
+        if not hasattr(model, "vision_model"):
+            raise TypeError(f"{type(model).__name__} holds no CLIP vision tower (no `embeddings` or `vision_model`)")
+        model = model.vision_model
+    return model
+
+
+class _ZeroAlphaInit:
+    """A fresh (or a stock CLIP checkpoint's) alpha conv is zero: the model then computes what CLIP computes."""
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)  # type: ignore[misc]
+        if isinstance(module, AlphaCLIPVisionEmbeddings):
+            compat.zeros_(module.patch_embedding_alpha.weight)
+
+
+class AlphaCLIPVisionModel(_ZeroAlphaInit, CLIPVisionModel):
     """:class:`~transformers.CLIPVisionModel` with an alpha-aware patch embedding.
 
     ``forward(pixel_values, alpha_values=None, ...)`` returns what ``CLIPVisionModel`` returns:
@@ -76,18 +101,12 @@ class AlphaCLIPVisionModel(CLIPVisionModel):
 
     config_class = AlphaCLIPVisionConfig
     config: AlphaCLIPVisionConfig
-    _no_split_modules = CLIPPreTrainedModel._no_split_modules + ["AlphaCLIPVisionEmbeddings"]
+    _no_split_modules = [*(CLIPVisionModel._no_split_modules or []), "AlphaCLIPVisionEmbeddings"]
 
     def __init__(self, config: AlphaCLIPVisionConfig):
         super().__init__(config)
-        self.embeddings = AlphaCLIPVisionEmbeddings(config)
+        vision_body(self).embeddings = AlphaCLIPVisionEmbeddings(config)
         self.post_init()
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, AlphaCLIPVisionEmbeddings):
-            init.zeros_(module.patch_embedding_alpha.weight)  # a fresh Alpha-CLIP equals CLIP
 
     def forward(
         self,
@@ -98,10 +117,10 @@ class AlphaCLIPVisionModel(CLIPVisionModel):
     ):
         """Args as ``CLIPVisionModel.forward``; ``pixel_values [B, 3 or 4, H, W]``, ``alpha_values [B, 1, H, W]``."""
         pixel_values = merge_alpha(pixel_values, alpha_values)
-        return super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        return super().forward(pixel_values, **compat.interpolation(interpolate_pos_encoding), **kwargs)
 
 
-class AlphaCLIPVisionModelWithProjection(CLIPVisionModelWithProjection):
+class AlphaCLIPVisionModelWithProjection(_ZeroAlphaInit, CLIPVisionModelWithProjection):
     """:class:`~transformers.CLIPVisionModelWithProjection` around an :class:`AlphaCLIPVisionModel`.
 
     ``image_embeds [B, projection_dim]`` is Alpha-CLIP's image embedding (not normalised).
@@ -112,7 +131,7 @@ class AlphaCLIPVisionModelWithProjection(CLIPVisionModelWithProjection):
 
     def __init__(self, config: AlphaCLIPVisionConfig):
         CLIPPreTrainedModel.__init__(self, config)
-        self.vision_model = AlphaCLIPVisionModel._from_config(config)
+        self.vision_model = compat.inner(AlphaCLIPVisionModel._from_config(config))
         self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
         self.post_init()
 
@@ -125,10 +144,10 @@ class AlphaCLIPVisionModelWithProjection(CLIPVisionModelWithProjection):
     ):
         """Args as ``CLIPVisionModelWithProjection.forward``, plus ``alpha_values [B, 1, H, W]``."""
         pixel_values = merge_alpha(pixel_values, alpha_values)
-        return super().forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        return super().forward(pixel_values, **compat.interpolation(interpolate_pos_encoding), **kwargs)
 
 
-class AlphaCLIPModel(CLIPModel):
+class AlphaCLIPModel(_ZeroAlphaInit, CLIPModel):
     """:class:`~transformers.CLIPModel` whose image tower is an :class:`AlphaCLIPVisionModel`.
 
     ``forward(input_ids, pixel_values, alpha_values=None)`` gives ``logits_per_image [B_img, B_text]``:
@@ -144,8 +163,8 @@ class AlphaCLIPModel(CLIPModel):
         self.projection_dim = config.projection_dim
         self.text_embed_dim = text_config.hidden_size
         self.vision_embed_dim = vision_config.hidden_size
-        self.text_model = CLIPTextModel._from_config(text_config)
-        self.vision_model = AlphaCLIPVisionModel._from_config(vision_config)
+        self.text_model = compat.inner(CLIPTextModel._from_config(text_config))
+        self.vision_model = compat.inner(AlphaCLIPVisionModel._from_config(vision_config))
         self.visual_projection = nn.Linear(self.vision_embed_dim, self.projection_dim, bias=False)
         self.text_projection = nn.Linear(self.text_embed_dim, self.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
@@ -158,9 +177,13 @@ class AlphaCLIPModel(CLIPModel):
         alpha_values: Optional[torch.Tensor] = None,
         **kwargs: Any,
     ):
-        """Projected image features (``pooler_output [B, projection_dim]``) of RGB(A) images and regions."""
+        """Projected image features ``[B, projection_dim]`` of RGB(A) images and regions.
+
+        Returned as the installed ``CLIPModel.get_image_features`` returns them: a tensor on 4.x, an output
+        whose ``pooler_output`` they are on 5.x.
+        """
         pixel_values = merge_alpha(pixel_values, alpha_values)
-        return super().get_image_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs)
+        return super().get_image_features(pixel_values, **compat.interpolation(interpolate_pos_encoding), **kwargs)
 
     def forward(
         self,
@@ -176,6 +199,5 @@ class AlphaCLIPModel(CLIPModel):
         """Args as ``CLIPModel.forward``, plus ``alpha_values [B, 1, H, W]`` (or a 4-channel ``pixel_values``)."""
         return super().forward(
             input_ids=input_ids, pixel_values=merge_alpha(pixel_values, alpha_values), attention_mask=attention_mask,
-            position_ids=position_ids, return_loss=return_loss, interpolate_pos_encoding=interpolate_pos_encoding,
-            **kwargs,
+            position_ids=position_ids, return_loss=return_loss, **compat.interpolation(interpolate_pos_encoding), **kwargs,
         )

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence
 
-from transformers.image_processing_base import BatchFeature
-from transformers.image_processing_utils import BaseImageProcessor
-from transformers.processing_utils import ImagesKwargs
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 from ...core.alpha import CLIP_MEAN, CLIP_STD
 from ...core.processor import RegionProcessor
+from .compat import ImagesKwargs
 
 
 class AlphaCLIPImagesKwargs(ImagesKwargs, total=False):

@@ -2,22 +2,17 @@
 
 transformers v5 renames checkpoint keys on load with per-class conversion mappings; it applies them to
 classes outside the library only when they are registered by name. CLIP's vision tower mapping strips
-the ``vision_model.`` prefix of checkpoints saved before v5; the alpha-aware towers register the same.
+the ``vision_model.`` prefix of checkpoints saved before v5; the alpha-aware towers register the same
+(4.x keeps the prefix: nothing to rename there).
 """
 from __future__ import annotations
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForImageTextToText,
-    AutoModelForZeroShotImageClassification,
-)
-from transformers.conversion_mapping import register_checkpoint_conversion_mapping
-from transformers.core_model_loading import PrefixChange
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor
 
+from . import compat
 from .blip2 import AlphaBlip2Config, AlphaBlip2ForConditionalGeneration, AlphaBlip2VisionModel
 from .configuration import AlphaCLIPConfig, AlphaCLIPVisionConfig
+from .llava import AlphaLlavaProcessor, AlphaLlavaProcessorKey
 from .modeling import AlphaCLIPModel, AlphaCLIPVisionModel
 from .processing import AlphaCLIPImageProcessor
 
@@ -34,16 +29,12 @@ def register() -> None:
     AutoConfig.register(AlphaBlip2Config.model_type, AlphaBlip2Config, exist_ok=True)
     AutoModel.register(AlphaCLIPVisionConfig, AlphaCLIPVisionModel, exist_ok=True)
     AutoModel.register(AlphaCLIPConfig, AlphaCLIPModel, exist_ok=True)
-    AutoModelForImageTextToText.register(AlphaBlip2Config, AlphaBlip2ForConditionalGeneration, exist_ok=True)
+    compat.AutoImageTextModel.register(AlphaBlip2Config, AlphaBlip2ForConditionalGeneration, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(AlphaCLIPConfig, AlphaCLIPModel, exist_ok=True)
     for config in (AlphaCLIPVisionConfig, AlphaCLIPConfig):
-        AutoImageProcessor.register(
-            config, image_processor_classes={"torchvision": AlphaCLIPImageProcessor, "pil": AlphaCLIPImageProcessor},
-            exist_ok=True,
-        )
-    # Pre-v5 checkpoints of a bare vision tower carry `vision_model.`; the towers themselves do not.
-    for cls in (AlphaCLIPVisionModel, AlphaBlip2VisionModel):
-        mapping = [PrefixChange(prefix_to_remove="vision_model")]
-        register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
+        compat.register_image_processor(AutoImageProcessor, config, AlphaCLIPImageProcessor)
+    # AutoProcessor finds a saved processor's class among the registered ones, by the name in its files.
+    AutoProcessor.register(AlphaLlavaProcessorKey, AlphaLlavaProcessor, exist_ok=True)
+    # v5: pre-v5 checkpoints of a bare vision tower carry `vision_model.`; the towers themselves do not.
+    compat.register_prefix_removal((AlphaCLIPVisionModel.__name__, AlphaBlip2VisionModel.__name__), "vision_model")
     _DONE = True
-
