@@ -131,19 +131,20 @@ class DataHealth:
         self.max_bad_fraction = max_bad_fraction
         self.tried, self.bad = 0, 0
         self.examples: List[Tuple[str, str]] = []  # the first 20, kept across resumes
-        self.pending: List[Tuple[str, str]] = []  # every skip since the last take_pending() (for skipped.jsonl)
+        self.pending: List[Tuple[int, str, str]] = []  # (step, name, reason) since the last take_pending()
 
-    def update(self, batch: Dict[str, Any]) -> None:
+    def update(self, batch: Dict[str, Any], step: int = 0) -> None:
+        """Count a micro-batch's samples and skips (met in optimizer step ``step``); stop past the limit."""
         self.tried += int(batch["tried"])
         self.bad += len(batch["bad"])
         for name, reason in batch["bad"]:
-            self.pending.append((str(name), str(reason)))
+            self.pending.append((step, str(name), str(reason)))
             if len(self.examples) < 20:
                 self.examples.append((str(name), str(reason)))
         self.check()
 
-    def take_pending(self) -> List[Tuple[str, str]]:
-        """The ``(name, reason)`` of the samples skipped since the last call."""
+    def take_pending(self) -> List[Tuple[int, str, str]]:
+        """``(step, name, reason)`` of the samples skipped since the last call."""
         out, self.pending = self.pending, []
         return out
 

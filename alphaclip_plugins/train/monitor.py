@@ -108,11 +108,11 @@ class Monitor:
         self.write(step, "eval", metrics)
         self.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
-    def skipped(self, step: int, items: Sequence[Sequence[str]]) -> None:
-        """Add unreadable samples ``(name, reason)`` consumed up to ``step`` to ``skipped.jsonl`` (rewritten whole)."""
+    def skipped(self, items: Sequence[Sequence[Any]]) -> None:
+        """Add unreadable samples ``(step, name, reason)`` to ``skipped.jsonl`` (rewritten whole, atomically)."""
         if not self.active or not items:
             return
-        rows = [{"step": step, "name": str(n), "reason": str(r)} for n, r in items]
+        rows = [{"step": int(s), "name": str(n), "reason": str(r)} for s, n, r in items]
         write_rows(self.skipped_log, read_rows(self.skipped_log) + rows)  # type: ignore[arg-type]
 
     def message(self, text: str) -> None:

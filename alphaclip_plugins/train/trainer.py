@@ -103,10 +103,10 @@ def _train(cfg: TrainConfig, env: DistEnv, overwrite: bool) -> Path:
         if evaluate is not None and _due(step, cfg.eval_every, cfg.steps):
             monitor.eval(step, evaluate())
         if _due(step, cfg.save_every, cfg.steps):
-            _log_skipped(env, monitor, health, step)
+            _log_skipped(env, monitor, health)
             _save(cfg, env, ckpt, step, model, optimizer, scaler, data, health, is_fsdp(engine))
 
-    _log_skipped(env, monitor, health, step)
+    _log_skipped(env, monitor, health)
     merged = DataHealth.merged(all_gather_objects(env, health.state_dict()), cfg.data.max_bad_fraction)
     monitor.message(f"done: {step} steps; {merged.summary(out / 'skipped.jsonl')}")
     monitor.close()
@@ -172,15 +172,16 @@ def _state_dicts(model: AlphaCLIP, optimizer: torch.optim.Optimizer, fsdp: bool)
 def _count_skips(health: DataHealth, batch: Dict[str, Any], monitor: Monitor, step: int) -> None:
     """Count a micro-batch's skipped samples; a run that stops on them lists them (this process's) first."""
     try:
-        health.update(batch)
+        health.update(batch, step)
     except DataError:
-        monitor.skipped(step, health.take_pending())
+        monitor.skipped(health.take_pending())
         raise
 
 
-def _log_skipped(env: DistEnv, monitor: Monitor, health: DataHealth, step: int) -> None:
-    """Every rank's samples skipped since the last call go to ``skipped.jsonl`` (before the checkpoint of ``step``)."""
-    monitor.skipped(step, [item for items in all_gather_objects(env, health.take_pending()) for item in items])
+def _log_skipped(env: DistEnv, monitor: Monitor, health: DataHealth) -> None:
+    """Every rank's samples skipped since the last call go to ``skipped.jsonl`` (before each checkpoint)."""
+    gathered = [item for items in all_gather_objects(env, health.take_pending()) for item in items]
+    monitor.skipped(sorted(gathered, key=lambda item: item[0]))  # in step order, rank order within a step
 
 
 def _save(cfg, env, ckpt, step, model, optimizer, scaler, data, health, fsdp) -> None:
