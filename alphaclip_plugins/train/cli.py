@@ -22,12 +22,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="YAML config file (omit to start from the defaults)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in output_dir, removing an earlier run's checkpoints and logs there")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``alphaclip train``. ``argv`` excludes the ``train`` word; returns an exit code."""
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = _parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))  # flags anywhere
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config] + overrides  # only overrides were given
@@ -44,10 +46,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from .data import DataError
+    from .rundir import RunDirError
     from .trainer import train
 
     try:
-        target = train(cfg)
+        target = train(cfg, overwrite=args.overwrite)
+    except RunDirError as e:
+        print(f"alphaclip train: {e}", file=sys.stderr)
+        return 2
     except DataError as e:
         print(f"alphaclip train: data error: {e}", file=sys.stderr)
         return 1

@@ -101,7 +101,9 @@ class TrainConfig:
     eval_every: int = 500  # steps between retrieval evaluations (0: only at the end)
     save_every: int = 1000  # steps between checkpoints (0: only at the end)
     keep_last: int = 3  # checkpoints kept on disk
-    resume: Union[bool, str] = True  # True: continue from the latest checkpoint in output_dir; or a path
+    # auto: continue from output_dir's latest checkpoint if its run had this config (else refuse);
+    # true: continue it even with changed settings; false: start at step 0; or a checkpoint folder
+    resume: Union[bool, str] = "auto"
     tensorboard: bool = True  # write TensorBoard scalars (needs the tensorboard package)
     progress: bool = True  # tqdm progress bar on rank 0
 

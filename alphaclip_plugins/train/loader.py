@@ -130,15 +130,31 @@ class DataHealth:
     def __init__(self, max_bad_fraction: float):
         self.max_bad_fraction = max_bad_fraction
         self.tried, self.bad = 0, 0
-        self.examples: List[Tuple[str, str]] = []
+        self.examples: List[Tuple[str, str]] = []  # the first 20, kept across resumes
+        self.pending: List[Tuple[int, str, str]] = []  # (step, name, reason) since the last take_pending()
 
-    def update(self, batch: Dict[str, Any]) -> None:
+    def update(self, batch: Dict[str, Any], step: int = 0) -> None:
+        """Count a micro-batch's samples and skips (met in optimizer step ``step``); stop past the limit."""
         self.tried += int(batch["tried"])
         self.bad += len(batch["bad"])
-        for item in batch["bad"]:
+        for name, reason in batch["bad"]:
+            self.pending.append((step, str(name), str(reason)))
             if len(self.examples) < 20:
-                self.examples.append(tuple(item))  # type: ignore[arg-type]
+                self.examples.append((str(name), str(reason)))
         self.check()
+
+    def take_pending(self) -> List[Tuple[int, str, str]]:
+        """``(step, name, reason)`` of the samples skipped since the last call."""
+        out, self.pending = self.pending, []
+        return out
+
+    @classmethod
+    def merged(cls, states: List[Dict[str, Any]], max_bad_fraction: float) -> "DataHealth":
+        """The health of several processes (their ``state_dict()``) as one."""
+        out = cls(max_bad_fraction)
+        out.tried, out.bad = sum(int(d["tried"]) for d in states), sum(int(d["bad"]) for d in states)
+        out.examples = [tuple(e) for d in states for e in d["examples"]][:20]  # type: ignore[misc]
+        return out
 
     def check(self) -> None:
         nothing_read = self.bad == self.tried
@@ -150,8 +166,13 @@ class DataHealth:
                 f"Fix or remove these samples, or raise data.max_bad_fraction to train on the rest"
             )
 
-    def summary(self) -> str:
-        return f"{self.bad} of {self.tried} samples skipped as unreadable" if self.bad else "no unreadable samples"
+    def summary(self, listing: Optional[Path] = None, first: int = 10) -> str:
+        """How many samples were skipped and the first ``first`` with their reasons (``listing``: the full list)."""
+        if not self.bad:
+            return "no unreadable samples"
+        where = f", all listed in {listing}" if listing is not None else ""
+        lines = [f"  {n}: {r}" for n, r in self.examples[:first]]
+        return f"{self.bad} of {self.tried} samples skipped as unreadable{where}; the first:\n" + "\n".join(lines)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"tried": self.tried, "bad": self.bad, "examples": [list(e) for e in self.examples]}

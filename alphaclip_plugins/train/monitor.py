@@ -1,11 +1,46 @@
-"""What a run reports (rank 0 only): a tqdm bar, TensorBoard scalars and ``metrics.jsonl``."""
+"""What a run reports (rank 0 only): a tqdm bar, TensorBoard scalars, ``metrics.jsonl`` and ``skipped.jsonl``.
+
+Both JSONL files hold one object per line with the ``step`` it belongs to. A resumed run first drops the
+rows past the step it resumes from (an interrupted run wrote them after its last checkpoint, and the
+resumed run writes them again), so no step is logged twice.
+"""
 from __future__ import annotations
 
 import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
+
+from ..core.io import atomic_write
+
+
+def read_rows(path: Path) -> List[Dict[str, Any]]:
+    """The JSON objects of a JSONL log; a line a killed run left half-written is dropped."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def write_rows(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
+    """Replace a JSONL log atomically."""
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def keep_rows_until(path: Path, step: int) -> None:
+    """Drop the rows of a JSONL log whose ``step`` is past ``step`` (nothing to do when there are none)."""
+    rows = read_rows(path)
+    kept = [r for r in rows if isinstance(r.get("step"), int) and r["step"] <= step]
+    if path.is_file() and len(kept) != len(path.read_text(encoding="utf-8").splitlines()):
+        write_rows(path, kept)
 
 
 class Monitor:
@@ -25,7 +60,9 @@ class Monitor:
         if not active:
             return
         directory.mkdir(parents=True, exist_ok=True)
-        self.metrics = directory / "metrics.jsonl"
+        self.metrics, self.skipped_log = directory / "metrics.jsonl", directory / "skipped.jsonl"
+        for log in (self.metrics, self.skipped_log):
+            keep_rows_until(log, start)
         if progress:
             from tqdm.auto import tqdm
 
@@ -34,7 +71,8 @@ class Monitor:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(directory / "tensorboard"))
+                # purge_step: events past the resumed step (written after the last checkpoint) are hidden
+                self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=start + 1)
             except ImportError:
                 warnings.warn("tensorboard is not installed; scalars go to metrics.jsonl only "
                               "(pip install 'alphaclip-plugins[train]')")
@@ -64,6 +102,18 @@ class Monitor:
                 self.writer.add_scalar(f"{group}/{k}", v, step)
         with open(self.metrics, "a") as f:  # type: ignore[arg-type]
             f.write(json.dumps({"step": step, "group": group, **scalars}) + "\n")
+
+    def eval(self, step: int, metrics: Dict[str, float]) -> None:
+        """Log evaluation results and print them."""
+        self.write(step, "eval", metrics)
+        self.message(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+    def skipped(self, items: Sequence[Sequence[Any]]) -> None:
+        """Add unreadable samples ``(step, name, reason)`` to ``skipped.jsonl`` (rewritten whole, atomically)."""
+        if not self.active or not items:
+            return
+        rows = [{"step": int(s), "name": str(n), "reason": str(r)} for s, n, r in items]
+        write_rows(self.skipped_log, read_rows(self.skipped_log) + rows)  # type: ignore[arg-type]
 
     def message(self, text: str) -> None:
         if not self.active:

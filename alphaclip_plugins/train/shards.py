@@ -11,7 +11,7 @@ import glob
 import json
 import os
 import tarfile
-from typing import Dict, Iterator, List, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -50,9 +50,11 @@ def read_shard(path: str) -> Iterator[Tuple[str, Files]]:
     """Yield ``(sample name, {ext: bytes})`` for each sample of one shard, in order.
 
     Raises:
-        SampleError: the shard cannot be opened or is truncated (samples before the damage are yielded).
+        SampleError: the shard cannot be opened or is truncated (samples before the damage are yielded). A
+            tar has no index, so how many samples followed the damage cannot be known: the message says how
+            many were read and which sample was cut.
     """
-    key, files = None, {}
+    key, files, done = None, {}, 0
     try:
         with tarfile.open(path, mode="r|*") as tar:  # "|": a stream, no seeking, no index
             for member in tar:
@@ -61,19 +63,29 @@ def read_shard(path: str) -> Iterator[Tuple[str, Files]]:
                 k, ext = _split_name(member.name)
                 if key is not None and k != key:
                     yield f"{path}:{key}", files
-                    files = {}
+                    files, done = {}, done + 1
                 key = k
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} is truncated ({len(data)} of {member.size} bytes)")
                 files[ext] = data
     except (OSError, tarfile.TarError, EOFError) as e:
-        raise SampleError(f"cannot read shard {path} ({type(e).__name__}: {e})") from None
+        raise SampleError(f"cannot read shard {path} ({type(e).__name__}: {e}){_lost(done, key)}") from None
     if key is not None:
         yield f"{path}:{key}", files
+        done += 1
     if path.endswith(".tar") and not _has_end_marker(path):
         raise SampleError(f"cannot read shard {path} past its last complete sample: it has no end-of-archive "
-                          f"marker (truncated? re-copy or re-write it)")
+                          f"marker (truncated? re-copy or re-write it); {done} samples were read, any that "
+                          f"followed are lost")
+
+
+def _lost(done: int, key: Optional[str]) -> str:
+    """What a shard that broke off lost: the sample being read and all after it (their number is unknown)."""
+    if key is None:
+        return "; no sample could be read from it"
+    return (f"; {done} samples were read, then sample {os.path.basename(key)} and every sample after it in the "
+            f"shard were lost (a tar has no index, so how many cannot be known)")
 
 
 def _has_end_marker(path: str) -> bool:

@@ -29,23 +29,32 @@ from .loss import ContrastiveLoss
 from .modeling import Encoder, TextFeatureCache, build_model, distinct, merge_lora
 from .monitor import Monitor
 from .optim import build_optimizer, lr_factor, set_lr
+from .rundir import RunDirError, check_reuse, clear_run
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train (or resume) a run described by ``cfg``; returns the folder of the exported model."""
+def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
+    """Train (or resume) a run described by ``cfg``; returns the folder of the exported model.
+
+    Args:
+        overwrite: start over in ``cfg.output_dir``, removing an earlier run's checkpoints and logs there.
+
+    Raises:
+        RunDirError: ``output_dir`` holds an earlier run that ``cfg.resume`` does not say to continue
+            (see :mod:`.rundir`).
+    """
     env = setup(cfg.device, cfg.distributed.backend)
     threads = torch.get_num_threads()
     try:
-        return _train(cfg, env)
+        return _train(cfg, env, overwrite)
     finally:
         torch.set_num_threads(threads)  # `cfg.threads` applies to this run only
         cleanup()
 
 
-def _train(cfg: TrainConfig, env: DistEnv) -> Path:
-    out = _prepare(cfg, env)
+def _train(cfg: TrainConfig, env: DistEnv, overwrite: bool) -> Path:
+    out = _prepare(cfg, env, overwrite)
     model = build_model(cfg, env.device)
     encoder = Encoder(model, cfg.model.train_text)
     engine = wrap(encoder, env, cfg.distributed.strategy)
@@ -70,7 +79,7 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Path:
         for i in range(cfg.accum_steps):
             batch = next(batches)
             data.advance(batch)
-            health.update(batch)
+            _count_skips(health, batch, monitor, step + 1)
             with no_grad_sync(engine, skip=i < cfg.accum_steps - 1):
                 with _autocast(env.device.type, cfg.precision):
                     image_features, text_features = _forward(engine, texts, batch, env.device)
@@ -92,11 +101,14 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Path:
         scalars = {"loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm)} if log else {}
         monitor.step(step, cfg.batch_size, scalars, log)
         if evaluate is not None and _due(step, cfg.eval_every, cfg.steps):
-            monitor.write(step, "eval", evaluate())
+            monitor.eval(step, evaluate())
         if _due(step, cfg.save_every, cfg.steps):
+            _log_skipped(env, monitor, health)
             _save(cfg, env, ckpt, step, model, optimizer, scaler, data, health, is_fsdp(engine))
 
-    monitor.message(f"done: {step} steps; {health.summary()}")
+    _log_skipped(env, monitor, health)
+    merged = DataHealth.merged(all_gather_objects(env, health.state_dict()), cfg.data.max_bad_fraction)
+    monitor.message(f"done: {step} steps; {merged.summary(out / 'skipped.jsonl')}")
     monitor.close()
     return _export(cfg, env, model, out, is_fsdp(engine))
 
@@ -127,15 +139,20 @@ def _due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-def _prepare(cfg: TrainConfig, env: DistEnv) -> Path:
-    """Check the config, write synthetic data and the run's config (rank 0), seed and thread settings."""
+def _prepare(cfg: TrainConfig, env: DistEnv, overwrite: bool) -> Path:
+    """Check the config and ``output_dir``, write synthetic data and the run's config (rank 0), seed and threads."""
     if cfg.distributed.strategy == "fsdp" and (cfg.model.lora_rank > 0 or cfg.model.train_text):
         raise ValueError("distributed.strategy=fsdp shards the vision tower only: use ddp with LoRA or train_text")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
+    problem = broadcast_object(env, check_reuse(out, cfg.to_dict(), cfg.resume, overwrite) if env.main else None)
+    if problem:
+        raise RunDirError(problem)
     if env.main:
+        if overwrite:
+            clear_run(out)
         ensure_synthetic(cfg.data.train, cfg.data.synthetic)
         ensure_synthetic(cfg.data.eval, cfg.data.synthetic_eval)
         write_json(cfg.to_dict(), out / "config.json")
@@ -152,9 +169,24 @@ def _state_dicts(model: AlphaCLIP, optimizer: torch.optim.Optimizer, fsdp: bool)
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def _count_skips(health: DataHealth, batch: Dict[str, Any], monitor: Monitor, step: int) -> None:
+    """Count a micro-batch's skipped samples; a run that stops on them lists them (this process's) first."""
+    try:
+        health.update(batch, step)
+    except DataError:
+        monitor.skipped(health.take_pending())
+        raise
+
+
+def _log_skipped(env: DistEnv, monitor: Monitor, health: DataHealth) -> None:
+    """Every rank's samples skipped since the last call go to ``skipped.jsonl`` (before each checkpoint)."""
+    gathered = [item for items in all_gather_objects(env, health.take_pending()) for item in items]
+    monitor.skipped(sorted(gathered, key=lambda item: item[0]))  # in step order, rank order within a step
+
+
 def _save(cfg, env, ckpt, step, model, optimizer, scaler, data, health, fsdp) -> None:
-    """Every rank contributes its data position and RNG state; rank 0 writes."""
-    ranks = all_gather_objects(env, {"data": data.state_dict(), "rng": rng_state()})
+    """Every rank contributes its data position, RNG state and data health; rank 0 writes."""
+    ranks = all_gather_objects(env, {"data": data.state_dict(), "rng": rng_state(), "health": health.state_dict()})
     model_sd, optim_sd = _state_dicts(model, optimizer, fsdp)
     if env.main:
         state = {"scaler": scaler.state_dict(), "ranks": ranks, "world_size": env.world_size,
@@ -168,7 +200,7 @@ def _resume(cfg, env, ckpt, model, optimizer, scaler, fsdp: bool) -> Tuple[int, 
     health = DataHealth(cfg.data.max_bad_fraction)
     if cfg.resume is False:
         return 0, DataState(), health
-    path = None if cfg.resume is True else Path(str(cfg.resume))
+    path = None if cfg.resume in (True, "auto") else Path(str(cfg.resume))
     found = ckpt.read_latest(path) if env.main else None
     folder = broadcast_object(env, found[0] if found else None)
     if folder is None:
@@ -190,8 +222,16 @@ def _resume(cfg, env, ckpt, model, optimizer, scaler, fsdp: bool) -> Tuple[int, 
                             f"with the same number (the shard split depends on it)")
         ranks = [ranks[0]] * env.world_size  # map-style positions are global: any world size continues them
     set_rng_state(ranks[env.rank]["rng"])
-    health.load_state_dict(state["health"])
+    health.load_state_dict(_rank_health(state, env))
     return int(state["step"]), DataState.from_state(ranks[env.rank]["data"]), health
+
+
+def _rank_health(state: Dict[str, Any], env: DistEnv) -> Dict[str, Any]:
+    """This rank's saved data health; after a change of world size rank 0 carries every old rank's counts."""
+    saved = [r["health"] for r in state["ranks"] if "health" in r] or [state["health"]]
+    if len(saved) == env.world_size:
+        return saved[env.rank]
+    return DataHealth.merged(saved if env.main else [], 0.0).state_dict()
 
 
 def _evaluator(cfg: TrainConfig, env: DistEnv, engine: nn.Module, model: AlphaCLIP) -> Optional[Callable[[], Dict]]:
