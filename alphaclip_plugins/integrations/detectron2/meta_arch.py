@@ -1,6 +1,7 @@
 """``AlphaGeneralizedRCNN``: GeneralizedRCNN for RGB + alpha, any checkpoint layout, Alpha-CLIP re-scoring."""
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -11,7 +12,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from ...core.factory import resolve_model
 from ...core.io import read_state_dict
 from ...core.vision import VisionTransformer
-from ...core.weights import resolve
+from ...core.weights import read_weights, resolve
 from ...detection.open_vocab import DetectionRescorer, RegionScorer
 
 _DETECTOR_PREFIXES = ("backbone.", "proposal_generator.", "roi_heads.", "pixel_mean", "pixel_std")
@@ -63,15 +64,25 @@ class AlphaGeneralizedRCNN(GeneralizedRCNN):
                 return name + "."
         raise ValueError("the model has no Alpha-CLIP vision tower to load the checkpoint into")
 
-    def _convert_foreign_checkpoint(self, state_dict, prefix, *args) -> None:
-        keys = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
-        if not keys or any(k.startswith(_DETECTOR_PREFIXES) for k in keys):
-            return  # a detectron2 checkpoint of this model
-        own = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
+    def convert_checkpoint(self, sd: Dict[str, Any], source: Optional[str] = None) -> Dict[str, Any]:
+        """A checkpoint of any layout the core reads -> this model's keys (its vision tower's weights).
+
+        A detectron2 checkpoint of this model passes unchanged; anything else goes through the core
+        resolver (converted, architecture checked, positions resampled).
+        """
+        if not sd or any(k.startswith(_DETECTOR_PREFIXES) for k in sd):
+            return sd
         tower = self._tower_prefix()
-        weights, _ = resolve(own, self.get_submodule(tower[:-1]).cfg)  # the one way in: any layout, checked
-        for k, v in weights.items():
-            state_dict[prefix + tower + k] = v
+        weights, _ = resolve(read_weights(sd, source), self.get_submodule(tower[:-1]).cfg)  # the one way in
+        return {tower + k: v for k, v in weights.items()}
+
+    def _convert_foreign_checkpoint(self, state_dict, prefix, *args) -> None:
+        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        converted = self.convert_checkpoint(own)
+        if converted is not own:
+            for k in own:
+                del state_dict[prefix + k]
+            state_dict.update({prefix + k: v for k, v in converted.items()})
 
     # --- output -------------------------------------------------------------------------------------------
     def inference(self, batched_inputs, detected_instances=None, do_postprocess: bool = True):
@@ -104,8 +115,22 @@ def _with_alpha(image: torch.Tensor) -> torch.Tensor:
 
 class AlphaCLIPCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` that reads every file through the core reader: safetensors, TorchScript
-    archives (OpenAI CLIP), Hugging Face directories, and pickles only with ``weights_only=True`` (so
-    detectron2's ``.pkl`` files, which need full unpickling, are refused rather than run)."""
+    archives (OpenAI CLIP), Hugging Face and ``save_pretrained`` directories, and pickles only with
+    ``weights_only=True`` (so detectron2's ``.pkl`` files, which need full unpickling, are refused rather
+    than run). Foreign layouts are converted by the model's :meth:`AlphaGeneralizedRCNN.convert_checkpoint`,
+    so errors name the file."""
+
+    def load(self, path: str, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        if path and os.path.isdir(path):  # fvcore's load takes files only
+            incompatible = self._load_model(self._load_file(path))
+            if incompatible is not None:
+                self._log_incompatible_keys(incompatible)
+            return {}
+        return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        return {"model": read_state_dict(filename), "__author__": "alphaclip-plugins"}
+        sd = read_state_dict(filename)
+        model = getattr(self.model, "module", self.model)  # DDP-wrapped or not
+        if isinstance(model, AlphaGeneralizedRCNN):
+            sd = model.convert_checkpoint(sd, filename)
+        return {"model": sd, "__author__": "alphaclip-plugins"}
