@@ -180,3 +180,18 @@ def test_info_reports_the_layout_of_each_file(files, capsys):
         layouts[name] = json.loads(capsys.readouterr().out)["layout"]
     assert layouts == {"official": "official", "openai torchscript": "alphaclip", "open_clip": "alphaclip",
                        "hf": "hf", "timm": "timm"}
+
+
+def test_a_file_of_another_architecture_is_refused_before_the_model_is_built(files, monkeypatch):
+    import alphaclip_plugins.core.factory as factory
+
+    _, bad, _, _ = files
+
+    def no_model(cfg):
+        raise AssertionError(f"a {cfg.vision.width}-wide model was built before the file was checked")
+
+    monkeypatch.setattr(factory, "AlphaCLIP", no_model)
+    with pytest.raises(CheckpointError, match="wide.pth holds .* but the model is ViT-L/14 .*vision_width"):
+        create_model("ViT-L/14", alpha_checkpoint=bad["wrong architecture"])
+    with pytest.raises(CheckpointError, match="wide.pth holds .* but the model is ViT-L/14 .*vision_width"):
+        create_model("ViT-L/14", pretrained=bad["wrong architecture"], strict=False)

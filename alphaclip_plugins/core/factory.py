@@ -11,7 +11,7 @@ from .checkpoint import load_checkpoint
 from .config import CLIPConfig, get_config
 from .io import CheckpointError, PathLike, atomic_directory, save_safetensors, write_json
 from .model import AlphaCLIP
-from .weights import match_architecture, read_weights
+from .weights import check_architecture, match_architecture, read_weights
 
 Precision = Literal["fp32", "fp16", "bf16"]
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -60,13 +60,17 @@ def create_model(
         if name is None:
             raise CheckpointError(f"{pretrained} holds no known architecture ({weights.facts()}); pass the architecture name")
     cfg = get_config(name).replace(**overrides)
+    tower = read_weights(alpha_checkpoint) if alpha_checkpoint is not None else None
+    # Files of another architecture fail here, before memory goes to a model they cannot fill.
+    for w in filter(None, (weights, tower)):
+        check_architecture(cfg if w is weights else CLIPConfig(vision=cfg.vision, text=None), w.state_dict, w.source)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AlphaCLIP(cfg)
     if weights is not None:
         load_checkpoint(model, weights, strict=strict)
-    if alpha_checkpoint is not None:
-        load_checkpoint(model.visual, alpha_checkpoint, strict=strict)
+    if tower is not None:
+        load_checkpoint(model.visual, tower, strict=strict)
     return model.to(device=device, dtype=_DTYPES[precision]).eval()
 
 
