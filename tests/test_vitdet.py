@@ -101,3 +101,100 @@ def test_window_options_are_checked():
         tower.set_window_attention(-2)
     with pytest.raises(ValueError, match="out of range"):
         tower.set_window_attention(4, global_blocks=(3,))
+
+
+# --- any patch size: stride-16 maps and pyramids ---------------------------------------------------------
+TINY14 = dict(arch="tiny", patch_size=14, image_size=28)  # a tiny patch-14 tower (ViT-L/14's geometry)
+
+
+def _sampled_at_stride_16(core_map: torch.Tensor, out_hw) -> torch.Tensor:
+    """Reference resampling: cell j of the stride-16 grid (centre 16 j + 8 px) read bilinearly from the
+    stride-14 map at pixel (16 j + 8), i.e. grid_sample at normalised (16 j + 8) / (14 w) * 2 - 1."""
+    h14, w14 = core_map.shape[-2:]
+    ys = (16 * torch.arange(out_hw[0]) + 8) / (14 * h14) * 2 - 1
+    xs = (16 * torch.arange(out_hw[1]) + 8) / (14 * w14) * 2 - 1
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)[None].expand(core_map.shape[0], -1, -1, -1)
+    return torch.nn.functional.grid_sample(core_map, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def test_patch14_tower_gives_exact_stride16_maps():
+    from alphaclip_plugins.detection.features import default_stride, dense_features
+
+    assert [default_stride(p) for p in (8, 14, 16, 32)] == [8, 16, 16, 32]
+    torch.manual_seed(0)
+    tower = feature_tower(**TINY14, layers=3, window_size=2, global_blocks=(1,))
+    random_alpha_conv_(tower)
+    x = torch.cat([torch.randn(2, 3, 96, 160), random_alpha(2, 160)[..., :96, :]], dim=1)
+    with torch.no_grad():
+        (feat,) = dense_features(tower.eval(), x, [-1])
+        padded = torch.nn.functional.pad(x, (0, 8, 0, 2))  # 98 x 168: whole patches of 14
+        (core,) = tower.forward_intermediates(padded, indices=[-1], intermediates_only=True)
+    assert core.shape[-2:] == (7, 12) and feat.shape == (2, 64, 96 // 16, 160 // 16)
+    assert (feat - _sampled_at_stride_16(core, (6, 10))).abs().max() < 1e-5
+    patch16 = feature_tower("tiny", patch_size=16, image_size=32).eval()
+    with torch.no_grad():  # power-of-two patches: the tower's own grid, untouched
+        assert torch.equal(dense_features(patch16, x, [0])[0],
+                           patch16.forward_intermediates(x, indices=[0], intermediates_only=True)[0])
+
+
+@needs_mmdet
+def test_patch14_pyramid_in_mmdet_has_checked_strides_and_shapes():
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    import alphaclip_plugins.integrations.mmdet  # noqa: F401
+
+    init_default_scope("mmdet")
+    backbone = MODELS.build(dict(type="AlphaCLIPViT", **TINY14, window_size=2, global_blocks=(1,)))
+    neck = MODELS.build(dict(type="SimpleFeaturePyramid", in_channels=64, out_channels=32, num_outs=5,
+                             in_stride=backbone.out_stride))
+    H, W = 128, 192
+    with torch.no_grad():
+        levels = neck(backbone(torch.randn(1, 4, H, W)))
+    print("mmdet patch-14 pyramid:", [(s, tuple(f.shape)) for s, f in zip(neck.strides, levels)])
+    assert backbone.out_stride == 16 and neck.strides == [4, 8, 16, 32, 64]
+    assert [tuple(f.shape[-2:]) for f in levels] == [(H // s, W // s) for s in neck.strides]
+    with pytest.raises(ValueError, match="log2-contiguous powers of two"):
+        MODELS.build(dict(type="SimpleFeaturePyramid", in_channels=64, in_stride=14))
+
+
+def _lazy(name: str = "mask_rcnn_alphaclip_vit_b16_vitdet_lsj_100ep.py", **net):
+    from pathlib import Path
+
+    from detectron2.config import LazyConfig
+
+    cfg = LazyConfig.load(str(Path(__file__).resolve().parent.parent / "configs" / "detectron2" / name))
+    cfg.model.backbone.net.update(window_size=2, global_blocks=(1,), with_cp=False, **net)
+    cfg.model.backbone.square_pad = 0
+    cfg.model.backbone.out_channels = 32
+    cfg.model.roi_heads.num_classes = 3
+    cfg.model.roi_heads.box_head.conv_dims = [32]
+    cfg.model.roi_heads.box_head.fc_dims = [64]
+    cfg.model.roi_heads.mask_head.conv_dims = [32]
+    cfg.model.proposal_generator.post_nms_topk = (50, 50)
+    cfg.model.roi_heads.batch_size_per_image = 32
+    return cfg
+
+
+@needs_d2
+@pytest.mark.parametrize("net,levels", [(TINY14, ["p2", "p3", "p4", "p5", "p6"]),
+                                        (dict(arch="tiny", out_stride=8), ["p1", "p2", "p3", "p4", "p5"])])
+def test_pyramid_in_detectron2_has_checked_strides_and_derived_in_features(net, levels):
+    from detectron2.config import instantiate
+
+    from alphaclip_plugins.integrations.detectron2 import AlphaCLIPViTBackbone
+
+    model = instantiate(_lazy(**net).model)
+    shapes = model.backbone.output_shape()
+    H, W = 128, 192
+    with torch.no_grad():
+        out = model.backbone(torch.randn(1, 4, H, W))
+    print("detectron2 pyramid:", {k: (shapes[k].stride, tuple(v.shape)) for k, v in out.items()})
+    assert list(out) == levels and model.proposal_generator.in_features == levels
+    assert model.roi_heads.box_in_features == model.roi_heads.mask_in_features == levels[:-1]
+    assert model.backbone.top_block.in_feature == levels[-2]
+    assert all(tuple(v.shape[-2:]) == (H // shapes[k].stride, W // shapes[k].stride) for k, v in out.items())
+    assert [p.spatial_scale for p in model.roi_heads.box_pooler.level_poolers] == [
+        1 / shapes[k].stride for k in levels[:-1]]
+    with pytest.raises(ValueError, match="out_stride must be a power of two"):
+        AlphaCLIPViTBackbone(**TINY14, out_stride=14)  # what detectron2's pyramid would refuse

@@ -10,7 +10,6 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, SimpleFeaturePyramid
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 
-from ...core.config import get_config
 from ...core.vision import feature_tower
 from ...detection.features import default_stride, dense_features
 from ...detection.inputs import RGBA_MEAN_255, RGBA_STD_255
@@ -67,22 +66,25 @@ class AlphaCLIPViTBackbone(Backbone):
         return {self._out_features[0]: feat}
 
 
-def pyramid_levels(arch: str = "ViT-B/16", scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
-                   top_levels: int = 1, out_stride: int = 0, patch_size: int = 0) -> List[str]:
-    """Names of the ``SimpleFeaturePyramid`` levels of an architecture (``["p2", ..., "p6"]`` for ViT-B/16
-    and ViT-L/14), for RPN/RoI ``in_features``; ``top_levels`` max-pooled levels come last.
+def pyramid_levels(stride: int = 16, scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+                   top_levels: int = 1) -> List[str]:
+    """Names of ``SimpleFeaturePyramid``'s levels over a map of ``stride`` (the backbone's ``out_stride``):
+    ``["p2", ..., "p6"]`` for 16; the ``top_levels`` max-pooled levels come last. For RPN/RoI ``in_features``.
 
-    Args:
-        patch_size: the ``patch_size`` override of the backbone, if any (0: the architecture's).
+    Raises:
+        ValueError: a level whose stride is not a power of two.
     """
-    stride = default_stride(patch_size or get_config(arch).vision.patch_size, out_stride)
-    first = [int(math.log2(stride / s)) for s in scale_factors]
+    strides = [stride / float(s) for s in scale_factors]
+    if any(s != int(s) or int(s) < 1 or int(s) & (int(s) - 1) for s in strides):
+        raise ValueError(f"a stride-{stride} map with scale factors {tuple(scale_factors)} gives strides {strides}; "
+                         f"they must be powers of two (set the backbone's out_stride explicitly, e.g. 16)")
+    first = [int(math.log2(s)) for s in strides]
     return [f"p{k}" for k in first] + [f"p{first[-1] + i + 1}" for i in range(top_levels)]
 
 
-def pooler_scales(levels: Sequence[str]) -> List[float]:
-    """RoI pooler ``scales`` of pyramid levels: ``1 / 2**k`` for ``"pk"``."""
-    return [1.0 / 2 ** int(name[1:]) for name in levels]
+def pooler_scales(stride: int = 16, scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5)) -> List[float]:
+    """RoI pooler ``scales`` of the pyramid levels over a map of ``stride``: ``1 / level stride`` each."""
+    return [1.0 / 2 ** int(name[1:]) for name in pyramid_levels(stride, scale_factors, top_levels=0)]
 
 
 def coarsest_max_pool(levels: Sequence[str]) -> LastLevelMaxPool:
