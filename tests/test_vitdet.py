@@ -422,3 +422,21 @@ def test_detectron2_vitdet_lazyconfig_trains_through_detectron2_engine(tmp_path)
     trained = model.backbone.net.visual.conv1_alpha.weight
     assert not torch.equal(trained, loaded) and (trained - loaded).abs().max() < 0.05  # loaded, then trained
     assert (tmp_path / "out" / "model_final.pth").exists()
+
+
+@needs_d2
+def test_yacs_pyramid_levels_are_checked_against_rpn_and_roi_in_features():
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_backbone
+
+    from alphaclip_plugins.integrations.detectron2 import add_alphaclip_config
+
+    cfg = add_alphaclip_config(get_cfg())
+    cfg.merge_from_file(str(ROOT / "configs" / "detectron2" / "faster_rcnn_alphaclip_vit_b16_sfp.yaml"))
+    cfg.MODEL.ALPHACLIP.update(ARCH="tiny", WINDOW_SIZE=2, GLOBAL_BLOCKS=[1])  # patch 8: levels p1..p5
+    with pytest.raises(ValueError, match=r"name \['p6'\], but the pyramid of tiny \(stride 8\) has \['p1'"):
+        build_backbone(cfg)
+    cfg.MODEL.ALPHACLIP.OUT_STRIDE = 16  # the config's p2..p6, from a stride-16 map
+    backbone = build_backbone(cfg)
+    assert {k: v.stride for k, v in backbone.output_shape().items()} == {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}
+    assert backbone.net.visual.window_size == 2 and backbone.net.visual.global_blocks == (1,)

@@ -140,11 +140,22 @@ def build_alphaclip_vit_backbone(cfg: CN, input_shape: ShapeSpec) -> Backbone:
 
 @BACKBONE_REGISTRY.register()
 def build_alphaclip_vit_sfp_backbone(cfg: CN, input_shape: ShapeSpec) -> Backbone:
-    """The tower inside detectron2's ``SimpleFeaturePyramid``: outputs ``p2``..``p6`` for FPN-style heads."""
+    """The tower inside detectron2's ``SimpleFeaturePyramid``: outputs ``p2``..``p6`` for FPN-style heads
+    (stride-16 maps, patch 16 or 14), ``p1``..``p5`` for a patch-8 tower.
+
+    Raises:
+        ValueError: ``MODEL.RPN.IN_FEATURES`` / ``MODEL.ROI_HEADS.IN_FEATURES`` name levels the pyramid lacks.
+    """
     a = cfg.MODEL.ALPHACLIP
     net = _vit_from_cfg(cfg)
-    # The max-pooled extra level follows the coarsest pyramid level ("p5" for patch 16).
-    top = coarsest_max_pool([f"p{int(math.log2(net.out_stride / min(a.SFP_SCALE_FACTORS)))}"])
+    levels = pyramid_levels(net.out_stride, a.SFP_SCALE_FACTORS)
+    wanted = list(cfg.MODEL.RPN.IN_FEATURES) + list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
+    if set(wanted) - set(levels):
+        raise ValueError(f"MODEL.RPN.IN_FEATURES / MODEL.ROI_HEADS.IN_FEATURES name {sorted(set(wanted) - set(levels))}, "
+                         f"but the pyramid of {a.ARCH} (stride {net.out_stride}) has {levels}; use {levels} and "
+                         f"{levels[:-1]}")
+    # The max-pooled extra level follows the coarsest pyramid level ("p5" for stride 16).
+    top = coarsest_max_pool(levels[:-1])
     return SimpleFeaturePyramid(
         net=net, in_feature=a.OUT_FEATURE, out_channels=a.SFP_OUT_CHANNELS, scale_factors=tuple(a.SFP_SCALE_FACTORS),
         top_block=top, norm=a.SFP_NORM, square_pad=a.SQUARE_PAD,
