@@ -5,12 +5,14 @@ state dicts load strictly. Attention runs through ``F.scaled_dot_product_attenti
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .window import window_attention
 
 
 class LayerNorm(nn.LayerNorm):
@@ -85,6 +87,11 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), is_causal=is_causal)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_windowed(self, x: torch.Tensor, grid: Tuple[int, int], window: int) -> torch.Tensor:
+        """As :meth:`forward` on vision tokens ``[B, 1 + h*w, C]``, attention in windows (:mod:`.window`)."""
+        x = x + window_attention(self.attn, self.ln_1(x), grid, window)
+        return x + self.mlp(self.ln_2(x))
+
 
 class Transformer(nn.Module):
     """A stack of residual attention blocks on ``[B, N, C]`` tokens (batch first)."""
@@ -102,6 +109,13 @@ class Transformer(nn.Module):
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, is_causal, use_reentrant=False)
         return block(x, is_causal)
+
+    def run_window_block(self, i: int, x: torch.Tensor, grid: Tuple[int, int], window: int) -> torch.Tensor:
+        """Block ``i`` with windowed attention on a ``grid`` of patch tokens (class token first)."""
+        block = self.resblocks[i]
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block.forward_windowed, x, grid, window, use_reentrant=False)
+        return block.forward_windowed(x, grid, window)
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         for i in range(len(self.resblocks)):

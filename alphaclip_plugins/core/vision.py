@@ -160,6 +160,8 @@ class VisionTransformer(nn.Module):
         nn.init.zeros_(self.conv1_alpha.weight)
         init_transformer_(self.transformer)
         self.frozen = False  # set by freeze(): the whole tower stays in eval mode
+        self.window_size = 0  # > 0: windowed attention outside global_blocks (set_window_attention)
+        self.global_blocks: Tuple[int, ...] = ()
 
     # --- embedding -------------------------------------------------------------------------------
     def patch_embed(self, image: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -183,6 +185,9 @@ class VisionTransformer(nn.Module):
     # --- timm feature interface --------------------------------------------------------------------
     def forward_features(self, image: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Returns all tokens after ``ln_post``: ``[B, 1 + h*w, width]``."""
+        if self.window_size:
+            grid = self.patch_embed(image, alpha)
+            return self.ln_post(self.run_blocks(self.tokens(grid), (grid.shape[-2], grid.shape[-1])))
         return self.ln_post(self.transformer(self.tokens(self.patch_embed(image, alpha))))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -192,6 +197,8 @@ class VisionTransformer(nn.Module):
 
     def forward(self, image: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Image embedding ``[B, embed_dim]`` (not normalised), as OpenAI CLIP's ``encode_image``."""
+        if self.window_size:
+            return self.forward_head(self.forward_features(image, alpha))
         x = self.transformer(self.tokens(self.patch_embed(image, alpha)))
         return self.ln_post(x[:, 0]) @ self.proj.to(x.dtype)  # ln_post on the class token only
 
@@ -228,7 +235,7 @@ class VisionTransformer(nn.Module):
         out = []
         depth = take[-1] + 1 if (stop_early or intermediates_only) else blocks
         for i in range(depth):
-            x = self.transformer.run_block(i, x)
+            x = self.run_block(i, x, (h, w))
             if i in take:
                 y = self.ln_post(x) if norm else x
                 prefix, patches = y[:, :1], y[:, 1:]
@@ -238,6 +245,36 @@ class VisionTransformer(nn.Module):
         if intermediates_only:
             return out
         return self.ln_post(x), out
+
+    # --- windowed attention (ViTDet) -----------------------------------------------------------------
+    def set_window_attention(self, window_size: int, global_blocks: Sequence[int] = ()) -> None:
+        """Attend within ``window_size`` x ``window_size`` windows of patches, except in ``global_blocks``
+        (ViTDet: 14 and ``(2, 5, 8, 11)`` for 12 blocks); 0 turns windows off. Parameters do not change.
+
+        The class token attends globally and every window also sees it (:mod:`.window`), so a window that
+        covers the whole grid equals global attention; grids that windows do not tile are padded and the
+        padding is masked out.
+
+        Raises:
+            ValueError: a negative window size or a block index out of range.
+        """
+        blocks = len(self.transformer.resblocks)
+        if not isinstance(window_size, int) or window_size < 0:
+            raise ValueError(f"window_size must be a whole number >= 0 (0: global attention); got {window_size!r}")
+        self.window_size = window_size
+        self.global_blocks = tuple(_take_indices(blocks, list(global_blocks))) if window_size else ()
+
+    def run_block(self, i: int, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """Block ``i`` on tokens ``[B, 1 + h*w, C]`` of a ``grid`` ``(h, w)``: windowed unless global."""
+        if self.window_size and i not in self.global_blocks:
+            return self.transformer.run_window_block(i, x, grid, self.window_size)
+        return self.transformer.run_block(i, x)
+
+    def run_blocks(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """All blocks, as :meth:`run_block`."""
+        for i in range(len(self.transformer.resblocks)):
+            x = self.run_block(i, x, grid)
+        return x
 
     # --- training helpers ------------------------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -269,8 +306,11 @@ class VisionTransformer(nn.Module):
         for p in params:
             p.requires_grad_(False)
 
+    #: Parameters kept out of weight decay besides norms and biases (timm's ``no_weight_decay`` names).
+    NO_WEIGHT_DECAY = ("class_embedding", "positional_embedding")
+
     def no_weight_decay(self) -> set:
-        return {"class_embedding", "positional_embedding"}
+        return set(self.NO_WEIGHT_DECAY)
 
     def group_matcher(self, coarse: bool = False) -> Dict[str, object]:
         """Parameter groups for layer-wise lr decay (timm's convention)."""
@@ -283,7 +323,7 @@ class VisionTransformer(nn.Module):
 
 def feature_tower(
     arch: str, frozen: bool = False, frozen_stages: int = -1, with_cp: bool = False, norm_out: bool = False,
-    **overrides: object,
+    *, window_size: int = 0, global_blocks: Sequence[int] = (), **overrides: object,
 ) -> VisionTransformer:
     """A vision tower set up as a dense feature extractor (the detection backbones' common part).
 
@@ -294,11 +334,14 @@ def feature_tower(
         with_cp: gradient checkpointing of the blocks.
         norm_out: the outputs go through ``ln_post`` (so it keeps its gradients); the projection never
             does, so it is frozen: every trainable weight then gets a gradient.
+        window_size, global_blocks: windowed attention outside ``global_blocks``
+            (:meth:`VisionTransformer.set_window_attention`); 0 = global attention everywhere.
     """
     from .config import get_config
 
     tower = VisionTransformer(get_config(arch).replace(**{f"vision_{k}": v for k, v in overrides.items()}).vision)
     tower.set_grad_checkpointing(with_cp)
+    tower.set_window_attention(window_size, global_blocks)
     tower.freeze_head(norm=not norm_out)
     if frozen:
         tower.freeze()

@@ -13,11 +13,12 @@ from .backbone import (  # noqa: E402
     AlphaCLIPViTBackbone, add_alphaclip_config, build_alphaclip_vit_backbone, build_alphaclip_vit_sfp_backbone,
 )
 from .data import AlphaDatasetMapper  # noqa: E402
+from .lr_decay import get_alphaclip_vit_lr_decay_rate, no_weight_decay_overrides  # noqa: E402
 from .meta_arch import AlphaCLIPCheckpointer, AlphaGeneralizedRCNN  # noqa: E402
 from .open_vocab import OpenVocabROIHeads, ZeroShotFastRCNNOutputLayers, set_vocabulary  # noqa: E402
 
 __all__ = [
     "AlphaCLIPViTBackbone", "add_alphaclip_config", "build_alphaclip_vit_backbone", "build_alphaclip_vit_sfp_backbone",
     "AlphaDatasetMapper", "AlphaCLIPCheckpointer", "AlphaGeneralizedRCNN", "OpenVocabROIHeads",
-    "ZeroShotFastRCNNOutputLayers", "set_vocabulary",
+    "ZeroShotFastRCNNOutputLayers", "set_vocabulary", "get_alphaclip_vit_lr_decay_rate", "no_weight_decay_overrides",
 ]

@@ -11,9 +11,11 @@ require("mmdet", "mmdet", "pip install 'alphaclip-plugins[mmdet]' (mmcv 2.1 with
 from .backbone import AlphaCLIPViT  # noqa: E402
 from .data import AddAlphaChannel, AlphaDetDataPreprocessor  # noqa: E402
 from .neck import SimpleFeaturePyramid  # noqa: E402
+from .optimizer import AlphaCLIPLayerDecayOptimizerConstructor  # noqa: E402
 from .open_vocab import AlphaCLIPRegionScorer, OpenVocabTwoStageDetector, ZeroShotClassifier, set_vocabulary  # noqa: E402,E501
 
 __all__ = [
     "AlphaCLIPViT", "AddAlphaChannel", "AlphaDetDataPreprocessor", "SimpleFeaturePyramid",
     "AlphaCLIPRegionScorer", "OpenVocabTwoStageDetector", "ZeroShotClassifier", "set_vocabulary",
+    "AlphaCLIPLayerDecayOptimizerConstructor",
 ]

@@ -34,6 +34,22 @@ def _rescale(dim: int, scale: float) -> Tuple[nn.Module, int]:
     raise ValueError(f"scale factor {scale} is not supported; use 4.0, 2.0, 1.0 or 0.5")
 
 
+def pyramid_strides(in_stride: int, scale_factors: Sequence[float], num_outs: int) -> List[int]:
+    """Output strides of the pyramid, checked: whole powers of two, each twice the previous.
+
+    Raises:
+        ValueError: naming the strides, e.g. a stride-14 map (patch 14 without ``out_stride`` 16) gives 3.5.
+    """
+    strides = [in_stride / float(s) for s in scale_factors]
+    strides += [strides[-1] * 2 ** (i + 1) for i in range(num_outs - len(strides))]
+    ok = all(s == int(s) and int(s) & (int(s) - 1) == 0 for s in strides)
+    if not ok or any(b != 2 * a for a, b in zip(strides, strides[1:])):
+        raise ValueError(f"a stride-{in_stride} map with scale factors {tuple(scale_factors)} gives strides "
+                         f"{strides}; they must be log2-contiguous powers of two: give the backbone a "
+                         f"power-of-two out_stride (16) and the neck the same in_stride")
+    return [int(s) for s in strides]
+
+
 @MODELS.register_module()
 class SimpleFeaturePyramid(BaseModule):
     """Multi-scale maps from the last backbone map: up-/down-sample, then 1x1 and 3x3 convs with LayerNorm.
@@ -44,16 +60,19 @@ class SimpleFeaturePyramid(BaseModule):
         scale_factors: resampling per level relative to the input map.
         num_outs: number of outputs; levels past ``len(scale_factors)`` are max-pooled (stride 2) from the
             last one, as Faster R-CNN's RPN expects five levels.
+        in_stride: stride of the backbone map (``AlphaCLIPViT.out_stride``: 16 for patch 16 and 14).
+            ``self.strides`` are the output strides; they must be whole, log2-contiguous powers of two.
     """
 
     def __init__(
         self, in_channels: int = 768, out_channels: int = 256, scale_factors: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
-        num_outs: int = 5, init_cfg=None,
+        num_outs: int = 5, in_stride: int = 16, init_cfg=None,
     ):
         super().__init__(init_cfg=init_cfg)
         if num_outs < len(scale_factors):
             raise ValueError(f"num_outs {num_outs} is fewer than the {len(scale_factors)} scale factors")
         self.num_outs = num_outs
+        self.strides = pyramid_strides(in_stride, scale_factors, num_outs)
         self.stages = nn.ModuleList()
         for scale in scale_factors:
             resample, dim = _rescale(in_channels, float(scale))
