@@ -92,8 +92,8 @@ def draw_scene(
         polygon, mask = placed
         for v in visible:
             v &= ~mask
-        rgb = np.clip(np.array(COLOURS[colour], np.float32) + rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1, 3),
-                      0, 255)
+        jitter = rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1, 3)
+        rgb = np.clip(np.array(COLOURS[colour], np.float32) + jitter, 0, 255)
         pixels[mask] = rgb
         drawn.append((colour, name, frac, polygon))
         visible.append(mask)

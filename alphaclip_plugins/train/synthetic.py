@@ -1,9 +1,11 @@
 """Synthetic region-text data in which the region decides the caption.
 
 Each image holds several coloured shapes (distinct colour-shape pairs) at random places on a grey
-background. Each sample selects one shape with its mask and describes that shape ("a red circle",
-"There is a small blue square in the scene."); the whole image holds several answers at once, so only
-the alpha channel can tell which one is meant.
+background: on the patch grid of a 64 px square (:func:`draw_image`), or anywhere in images of any size
+and aspect ratio (:mod:`.scenes`, with :class:`SceneConfig`; the embedded model's data). Each sample
+selects one shape with its mask and describes that shape ("a red circle", "There is a small blue square
+in the scene."); the whole image holds several answers at once, so only the alpha channel can tell which
+one is meant.
 
 The generator writes the same formats the real loaders read (a JSONL manifest with image files, or tar
 shards in the webdataset layout), so training on it exercises the real data path.
@@ -193,7 +195,7 @@ class SceneConfig:
 
 @dataclass
 class SyntheticConfig:
-    """What :func:`write_jsonl` and :func:`write_shards` draw. Defaults make the old on-grid data; ``scene`` draws free scenes."""
+    """What :func:`write_jsonl` and :func:`write_shards` draw: on-grid images by default, free scenes with ``scene``."""
 
     num_images: int = 2000  # images; each gives num_shapes samples
     image_size: int = 64  # side in pixels (the tiny model's input size: no resampling on load)
@@ -295,19 +297,29 @@ def write_shards(
     return shards
 
 
-def write_example(directory: Path | str, seed: int = 141) -> Tuple[Path, Path, str]:
-    """The README's demo: ``shapes.png`` (several shapes) and ``shapes_mask.png`` (one of them).
+def write_example(directory: Path | str, seed: int = 0, label: str = "red circle") -> Tuple[Path, Path, str]:
+    """The README's demo: ``shapes.png`` (a 160 x 120 free scene of four shapes) and ``shapes_mask.png``
+    (the mask of its ``label`` shape); the first seed from ``seed`` on whose scene holds ``label`` is used.
 
     Returns:
         (image path, mask path, label of the masked shape).
     """
+    from .scenes import draw_scene
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    img = draw_image(np.random.default_rng([seed, 0]), image_size=128, num_shapes=4, min_size=32, max_size=48, grid=16)
+    cfg = SceneConfig(min_frac=0.25, max_frac=0.45, min_shapes=4, max_shapes=4, overlap=0.0)
+    for s in range(seed, seed + 1000):
+        img = draw_scene(np.random.default_rng([s, 0]), cfg, size=(160, 120))
+        found = [k for k, shape in enumerate(img.shapes) if shape.label == label]
+        if len(img.shapes) == 4 and found:
+            break
+    else:
+        raise ValueError(f"no scene from seed {seed} on holds a {label!r}; pass one of {labels()}")
     image_path, mask_path = directory / "shapes.png", directory / "shapes_mask.png"
     img.image.save(image_path)
-    Image.fromarray(img.masks[0] * 255).save(mask_path)
-    return image_path, mask_path, img.shapes[0].label
+    Image.fromarray(img.masks[found[0]] * 255).save(mask_path)
+    return image_path, mask_path, label
 
 
 def dataset_fingerprint(cfg: SyntheticConfig) -> str:
