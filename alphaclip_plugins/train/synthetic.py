@@ -1,15 +1,18 @@
 """Synthetic region-text data in which the region decides the caption.
 
 Each image holds several coloured shapes (distinct colour-shape pairs) at random places on a grey
-background. Each sample selects one shape with its mask and describes that shape ("a red circle",
-"There is a small blue square in the scene."); the whole image holds several answers at once, so only
-the alpha channel can tell which one is meant.
+background: on the patch grid of a 64 px square (:func:`draw_image`), or anywhere in images of any size
+and aspect ratio (:mod:`.scenes`, with :class:`SceneConfig`; the embedded model's data). Each sample
+selects one shape with its mask and describes that shape ("a red circle", "There is a small blue square
+in the scene."); the whole image holds several answers at once, so only the alpha channel can tell which
+one is meant.
 
 The generator writes the same formats the real loaders read (a JSONL manifest with image files, or tar
 shards in the webdataset layout), so training on it exercises the real data path.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -57,6 +60,7 @@ class Shape:
     size: str  # "small" | "medium" | "large"
     box: Tuple[int, int, int, int]  # (x0, y0, x1, y1), end exclusive
     polygon: List[float]  # flat (x, y) outline; a circle is approximated
+    occluded: bool = False  # partly covered by a later shape: its mask is the visible part, not the polygon
 
     @property
     def label(self) -> str:
@@ -170,8 +174,28 @@ def _region(fmt: str, shape: Shape, mask: np.ndarray, mask_ref: str) -> Dict[str
 
 
 @dataclass
+class SceneConfig:
+    """Free scenes (:mod:`.scenes`): shapes anywhere, images of any aspect ratio, varied colours and noise."""
+
+    min_side: int = 48  # the image's long side is drawn from [min_side, max_side] pixels
+    max_side: int = 128
+    square: float = 0.3  # probability of a square image; otherwise the aspect ratio is drawn up to max_aspect
+    max_aspect: float = 1.5  # long side / short side (the processor pads to a square: shapes shrink with it)
+    min_frac: float = 0.10  # shape side as a fraction of the image's short side
+    max_frac: float = 0.45
+    min_shapes: int = 2  # shapes per image, all of different colour-shape classes
+    max_shapes: int = 5
+    overlap: float = 0.4  # probability a shape may cover part of earlier ones (otherwise all stay apart)
+    max_covered: float = 0.3  # the largest fraction of a shape later shapes may cover
+    colour_jitter: int = 24  # each shape's RGB moves up to this much per channel from its colour's value
+    min_grey: int = 40  # the background is one grey level drawn from [min_grey, max_grey]
+    max_grey: int = 200
+    noise: float = 8.0  # per-image Gaussian pixel noise, std drawn from [0, noise]
+
+
+@dataclass
 class SyntheticConfig:
-    """What :func:`write_dataset` draws. Defaults make the embedded demo model's data."""
+    """What :func:`write_jsonl` and :func:`write_shards` draw: on-grid images by default, free scenes with ``scene``."""
 
     num_images: int = 2000  # images; each gives num_shapes samples
     image_size: int = 64  # side in pixels (the tiny model's input size: no resampling on load)
@@ -182,6 +206,7 @@ class SyntheticConfig:
     canonical: bool = False  # captions "a red circle" only (evaluation), instead of random templates
     region_format: RegionFormat = "rle"  # how regions are stored; "mixed" cycles through all four
     seed: int = 0  # image i is drawn from seed (seed, i), whatever num_images is
+    scene: Optional[SceneConfig] = None  # set: free scenes (:mod:`.scenes`); the size/grid fields above are unused
 
 
 def iter_samples(cfg: SyntheticConfig) -> Iterator[Tuple[int, SyntheticImage, List[Dict[str, object]]]]:
@@ -191,10 +216,17 @@ def iter_samples(cfg: SyntheticConfig) -> Iterator[Tuple[int, SyntheticImage, Li
     """
     for i in range(cfg.num_images):
         rng = np.random.default_rng([cfg.seed, i])
-        img = draw_image(rng, cfg.image_size, cfg.num_shapes, cfg.min_size, cfg.max_size, cfg.grid)
+        if cfg.scene is not None:
+            from .scenes import draw_scene
+
+            img = draw_scene(rng, cfg.scene)
+        else:
+            img = draw_image(rng, cfg.image_size, cfg.num_shapes, cfg.min_size, cfg.max_size, cfg.grid)
         samples = []
         for k, (shape, mask) in enumerate(zip(img.shapes, img.masks)):
             fmt = _FORMATS[(i + k) % len(_FORMATS)] if cfg.region_format == "mixed" else cfg.region_format
+            if fmt == "polygon" and shape.occluded:  # the outline would include the covered pixels
+                fmt = "rle"
             samples.append({
                 "caption": caption_for(shape, None if cfg.canonical else rng),
                 "region": _region(fmt, shape, mask, str(k)),
@@ -265,21 +297,31 @@ def write_shards(
     return shards
 
 
-def write_example(directory: Path | str, seed: int = 141) -> Tuple[Path, Path, str]:
-    """The README's demo: ``shapes.png`` (several shapes) and ``shapes_mask.png`` (one of them).
+def write_example(directory: Path | str, seed: int = 0, label: str = "red circle") -> Tuple[Path, Path, str]:
+    """The README's demo: ``shapes.png`` (a 160 x 120 free scene of four shapes) and ``shapes_mask.png``
+    (the mask of its ``label`` shape); the first seed from ``seed`` on whose scene holds ``label`` is used.
 
     Returns:
         (image path, mask path, label of the masked shape).
     """
+    from .scenes import draw_scene
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    img = draw_image(np.random.default_rng([seed, 0]), image_size=128, num_shapes=4, min_size=32, max_size=48, grid=16)
+    cfg = SceneConfig(min_frac=0.25, max_frac=0.45, min_shapes=4, max_shapes=4, overlap=0.0)
+    for s in range(seed, seed + 1000):
+        img = draw_scene(np.random.default_rng([s, 0]), cfg, size=(160, 120))
+        found = [k for k, shape in enumerate(img.shapes) if shape.label == label]
+        if len(img.shapes) == 4 and found:
+            break
+    else:
+        raise ValueError(f"no scene from seed {seed} on holds a {label!r}; pass one of {labels()}")
     image_path, mask_path = directory / "shapes.png", directory / "shapes_mask.png"
     img.image.save(image_path)
-    Image.fromarray(img.masks[0] * 255).save(mask_path)
-    return image_path, mask_path, img.shapes[0].label
+    Image.fromarray(img.masks[found[0]] * 255).save(mask_path)
+    return image_path, mask_path, label
 
 
 def dataset_fingerprint(cfg: SyntheticConfig) -> str:
     """A short id of a config, to tell whether data on disk was written with it."""
-    return hashlib.sha1(json.dumps(cfg.__dict__, sort_keys=True).encode()).hexdigest()[:12]
+    return hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
