@@ -33,7 +33,7 @@ def test_parity_open_clip_vit_b16_full_size():
 
 
 def test_parity_open_clip_gelu_tiny():
-    open_clip = import_or_skip("open_clip")
+    import_or_skip("open_clip")
     from open_clip.model import CLIP
 
     torch.manual_seed(0)
