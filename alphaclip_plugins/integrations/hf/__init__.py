@@ -40,6 +40,7 @@ from .registration import register  # noqa: E402
 from .export import build_hf_model, export_hf, load_alpha_weights  # noqa: E402
 from .llava import AlphaLlavaProcessor, alphafy_llava  # noqa: E402
 from .llava_tower import AlphaCLIPVisionTower  # noqa: E402
+from .mllm_collator import RegionConversationCollator  # noqa: E402
 from .blip2 import AlphaBlip2Config, AlphaBlip2ForConditionalGeneration, AlphaBlip2VisionModel  # noqa: E402
 from .compat import TransformersVersionError  # noqa: E402
 
@@ -48,6 +49,6 @@ register()
 __all__ = [
     "AlphaCLIPConfig", "AlphaCLIPVisionConfig", "AlphaCLIPModel", "AlphaCLIPVisionEmbeddings", "AlphaCLIPVisionModel",
     "AlphaCLIPVisionModelWithProjection", "AlphaCLIPImageProcessor", "merge_alpha", "build_hf_model", "export_hf",
-    "load_alpha_weights", "AlphaLlavaProcessor", "alphafy_llava", "AlphaCLIPVisionTower", "AlphaBlip2Config",
+    "load_alpha_weights", "AlphaLlavaProcessor", "alphafy_llava", "AlphaCLIPVisionTower", "RegionConversationCollator", "AlphaBlip2Config",
     "AlphaBlip2ForConditionalGeneration", "AlphaBlip2VisionModel", "register", "vision_body", "TransformersVersionError",
 ]
