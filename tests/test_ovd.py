@@ -90,3 +90,69 @@ def test_the_allowed_globals_refuse_anything_else(tmp_path):
     torch.save({"x": np.arange(5, dtype=np.float32), "y": np.float64(2.5)}, path)
     back = torch.load(path, weights_only=True)
     assert back["x"].tolist() == [0, 1, 2, 3, 4] and back["y"] == 2.5
+
+
+# --- 2. padding: alpha is background wherever a pad transform adds pixels ---------------------------------------
+def _rgba(h: int = 50, w: int = 70):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    img[..., 3] = 255  # the whole image is the region
+    return img
+
+
+@pytest.mark.parametrize("pad_val", [dict(img=(114, 114, 114)), 114, dict(img=0)])
+def test_alpha_pad_pads_alpha_as_background_and_rgb_as_asked(pad_val):
+    import numpy as np
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import TRANSFORMS
+
+    init_default_scope("mmdet")
+    img = _rgba()
+    out = TRANSFORMS.build(dict(type="AlphaPad", size_divisor=32, pad_val=pad_val))(dict(img=img.copy()))
+    rgb_out = TRANSFORMS.build(dict(type="Pad", size_divisor=32, pad_val=pad_val))(dict(img=img[..., :3].copy()))
+    padded = out["img"]
+    assert padded.shape == (64, 96, 4) and out["pad_shape"] == (64, 96, 4)
+    np.testing.assert_array_equal(padded[..., :3], rgb_out["img"])  # RGB exactly as mmdet pads it
+    assert (padded[:50, :70, 3] == 255).all()
+    assert (padded[50:, :, 3] == 0).all() and (padded[:, 70:, 3] == 0).all()
+    value = pad_val["img"] if isinstance(pad_val, dict) else pad_val
+    assert (padded[50:, :, :3] == np.asarray(value)).all()
+    with pytest.raises(ValueError, match="3 values"):
+        TRANSFORMS.build(dict(type="AlphaPad", size_divisor=32, pad_val=dict(img=(1, 2, 3, 4))))(dict(img=img.copy()))
+
+
+def test_preprocessor_pads_alpha_as_background_also_in_batch_fixed_size_pad():
+    from mmengine.registry import init_default_scope
+    from mmdet.registry import MODELS
+    from mmdet.structures import DetDataSample
+
+    from alphaclip_plugins.detection.inputs import ALPHA_BACKGROUND_255
+
+    init_default_scope("mmdet")
+    aug = [dict(type="BatchFixedSizePad", size=(128, 128))]
+    ours = MODELS.build(dict(type="AlphaDetDataPreprocessor", bgr_to_rgb=True, pad_size_divisor=32,
+                             batch_augments=aug))
+    plain = MODELS.build(dict(type="DetDataPreprocessor", mean=ours.mean.flatten().tolist(),
+                              std=ours.std.flatten().tolist(), bgr_to_rgb=True, pad_size_divisor=32,
+                              batch_augments=aug))
+    shapes = ((50, 70), (90, 40))
+    imgs = [torch.from_numpy(_rgba(h, w)).permute(2, 0, 1).contiguous() for h, w in shapes]
+
+    def batch(channels):
+        samples = [DetDataSample(metainfo=dict(img_shape=s, ori_shape=s)) for s in shapes]
+        return dict(inputs=[x[:channels] for x in imgs], data_samples=samples)
+
+    for training in (True, False):
+        x = ours(batch(4), training)["inputs"]
+        ref = plain(batch(3), training)["inputs"]
+        torch.testing.assert_close(x[:, :3], ref, rtol=0, atol=0)  # RGB padding unchanged
+        for i, (h, w) in enumerate(shapes):
+            alpha = x[i, 3]
+            assert torch.allclose(alpha[:h, :w], torch.tensor(1.9231), atol=1e-4)
+            outside = torch.ones_like(alpha, dtype=torch.bool)
+            outside[:h, :w] = False
+            assert torch.allclose(alpha[outside], torch.tensor(-1.9231), atol=1e-4)
+        assert x.shape[-2:] == ((128, 128) if training else (96, 96))
+    assert ALPHA_BACKGROUND_255 == pytest.approx(-1.9231, abs=1e-4)
