@@ -156,3 +156,151 @@ def test_preprocessor_pads_alpha_as_background_also_in_batch_fixed_size_pad():
             assert torch.allclose(alpha[outside], torch.tensor(-1.9231), atol=1e-4)
         assert x.shape[-2:] == ((128, 128) if training else (96, 96))
     assert ALPHA_BACKGROUND_255 == pytest.approx(-1.9231, abs=1e-4)
+
+
+# --- 3. the vocabulary as one operation: the CLI writes it, set_vocabulary updates every class name ---------------
+OLD = ["red circle", "blue square", "green triangle", "yellow star"]
+NEW = ["cat", "dog", "car", "tree", "boat", "kite"]  # more classes than before: stale names would IndexError
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from alphaclip_plugins import create_model, save_pretrained
+    from conftest import random_alpha_conv_
+
+    clip = create_model("tiny", seed=2)
+    random_alpha_conv_(clip)
+    path = tmp_path_factory.mktemp("clip") / "clip"
+    save_pretrained(clip, path)
+    return path
+
+
+def _vocab(tmp_path, clip_dir, names, out="vocab.safetensors", *extra):
+    from alphaclip_plugins.cli import main
+
+    classes = tmp_path / f"{out}.txt"
+    classes.write_text("# a vocabulary\n" + "\n".join(names) + "\n\n")
+    main(["vocab", str(classes), "-o", str(tmp_path / out), "--model", str(clip_dir), "--templates", "clip", *extra])
+    return tmp_path / out
+
+
+def test_vocab_cli_writes_embeddings_refuses_to_overwrite_and_checks_the_list(tmp_path, clip_dir, capsys):
+    from alphaclip_plugins import from_pretrained
+    from alphaclip_plugins.cli import Failure
+    from alphaclip_plugins.core.zeroshot import load_text_embeddings, text_classifier
+
+    path = _vocab(tmp_path, clip_dir, NEW)
+    emb, labels = load_text_embeddings(path)
+    assert labels == NEW and "wrote" in capsys.readouterr().out
+    expected = text_classifier(from_pretrained(clip_dir).eval(), NEW, "clip")
+    torch.testing.assert_close(emb, expected, rtol=0, atol=1e-6)
+    with pytest.raises(Failure) as e:
+        _vocab(tmp_path, clip_dir, OLD)
+    assert e.value.code == 2 and "already exists; pass --force" in str(e.value)
+    capsys.readouterr()
+    assert load_text_embeddings(path)[1] == NEW  # untouched
+    _vocab(tmp_path, clip_dir, OLD, "vocab.safetensors", "--force")
+    assert load_text_embeddings(path)[1] == OLD
+    for names, message in (([], "holds no class names"), (["cat", "dog", "cat"], "'cat' more than once")):
+        with pytest.raises(Failure, match=message):
+            _vocab(tmp_path, clip_dir, names, "bad.safetensors")
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("alphaclip: error:") and "\n" not in err
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def _mmdet_ov_cfg(tmp_path, clip_dir):
+    from mmengine.config import Config
+
+    from test_mmdet import CONFIGS, _tiny
+
+    cfg = _tiny(Config.fromfile(str(CONFIGS / "ov-faster-rcnn_alphaclip-vit-b16_sfp_1x_coco.py")))
+    cfg.model.roi_head.bbox_head.num_classes = len(OLD)
+    cfg.model.roi_head.bbox_head.cls_predictor_cfg.update(
+        text_embeddings=str(tmp_path / "text.safetensors"), class_names=OLD, clip=str(clip_dir))
+    cfg.model.region_scorer.update(labels=OLD, clip=str(clip_dir), novel_classes=["yellow star"])
+    cfg.model.test_cfg.rcnn.score_thr = 0.0
+    for pipeline in (cfg.test_dataloader.dataset.pipeline,):
+        next(t for t in pipeline if t.type == "Resize").scale = (128, 128)
+    return cfg
+
+
+def _textured_image(path, h: int = 96, w: int = 128):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 90, (h, w, 3), dtype=np.uint8)
+    img[20:60, 30:90] = (200, 40, 40)
+    Image.fromarray(img).save(path)
+    return img
+
+
+def test_mmdet_inferencer_works_after_a_vocabulary_swap(tmp_path, clip_dir):
+    from mmdet.apis import DetInferencer
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import save_checkpoint
+
+    init_default_scope("mmdet")
+    cfg = _mmdet_ov_cfg(tmp_path, clip_dir)
+    cfg.dump(str(tmp_path / "ov.py"))
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    save_checkpoint(dict(state_dict=model.state_dict(), meta=dict(dataset_meta=dict(classes=tuple(OLD)))),
+                    str(tmp_path / "ov.pth"))
+    _textured_image(tmp_path / "img.png")
+    inferencer = DetInferencer(model=str(tmp_path / "ov.py"), weights=str(tmp_path / "ov.pth"), device="cpu")
+    before = inferencer(str(tmp_path / "img.png"), return_vis=True, no_save_vis=True, pred_score_thr=0.0)
+    assert max(before["predictions"][0]["labels"]) < len(OLD)
+
+    from alphaclip_plugins.integrations.mmdet import set_vocabulary
+
+    vocab = _vocab(tmp_path, clip_dir, NEW)
+    assert set_vocabulary(inferencer.model, vocab) == NEW  # the inferencer's visualiser is mmengine's current one
+    assert inferencer.model.dataset_meta["classes"] == tuple(NEW)
+    assert inferencer.visualizer.dataset_meta["classes"] == tuple(NEW)
+    after = inferencer(str(tmp_path / "img.png"), return_vis=True, no_save_vis=True, pred_score_thr=0.0,
+                       return_datasamples=True)
+    pred = after["predictions"][0].pred_instances
+    assert len(pred) > 0 and pred.clip_scores.shape[1] == len(NEW)
+    assert len(NEW) > int(pred.labels.max()) >= len(OLD)  # new labels were drawn and named: no IndexError
+    assert after["visualization"][0].shape == (96, 128, 3)
+
+
+def _d2_ov_cfg(tmp_path, clip_dir, dataset: str):
+    from test_detectron2 import _yacs
+
+    cfg = _yacs("ov_faster_rcnn_alphaclip_vit_b16_sfp.yaml")
+    cfg.MODEL.ALPHACLIP.update(TEXT_EMBEDDINGS=str(tmp_path / "text_d2.safetensors"), CLASS_NAMES=OLD,
+                               CLIP=str(clip_dir), NOVEL_CLASSES=["yellow star"])
+    cfg.MODEL.ROI_HEADS.NUM_CLASSES = len(OLD)
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 128
+    cfg.DATASETS.TEST = (dataset,)
+    return cfg
+
+
+def test_detectron2_predictor_works_after_a_vocabulary_swap(tmp_path, clip_dir):
+    import_or_skip("detectron2")
+    from detectron2.data import MetadataCatalog
+    from detectron2.engine import DefaultPredictor
+    from detectron2.utils.visualizer import Visualizer
+
+    from alphaclip_plugins.integrations.detectron2 import set_vocabulary
+
+    name = f"alphaclip_ovd_test_{tmp_path.name}"
+    MetadataCatalog.get(name).set(thing_classes=list(OLD), thing_colors=[(1, 2, 3)] * len(OLD))
+    predictor = DefaultPredictor(_d2_ov_cfg(tmp_path, clip_dir, name))
+    image = _textured_image(tmp_path / "img.png")[..., ::-1].copy()  # BGR, as DefaultPredictor reads
+    assert int(predictor(image)["instances"].pred_classes.max()) < len(OLD)
+    vocab = _vocab(tmp_path, clip_dir, NEW)
+    assert set_vocabulary(predictor.model, vocab, dataset=name) == name
+    assert MetadataCatalog.get(name).thing_classes == NEW and predictor.metadata.thing_classes == NEW
+    inst = predictor(image)["instances"]
+    assert inst.clip_scores.shape[1] == len(NEW)
+    assert len(NEW) > int(inst.pred_classes.max()) >= len(OLD)
+    drawn = Visualizer(image[..., ::-1], predictor.metadata).draw_instance_predictions(inst)  # names every label
+    assert drawn.get_image().shape == image.shape
+    fresh = set_vocabulary(predictor.model, vocab)  # no dataset: one is registered for the vocabulary
+    assert fresh == "alphaclip_vocab_vocab" and MetadataCatalog.get(fresh).thing_classes == NEW

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from mmdet.models.detectors import TwoStageDetector
 from mmdet.registry import MODELS
+from mmdet.visualization.palette import get_palette
+from mmengine.visualization import Visualizer
 from torch import nn
 
 from ...core.factory import resolve_model
@@ -85,7 +87,40 @@ class OpenVocabTwoStageDetector(TwoStageDetector):
         return results
 
 
-def set_vocabulary(detector: nn.Module, text_embeddings: Union[str, Path], novel_classes: Sequence[str] = ()) -> None:
-    """Swap a built detector's vocabulary in place: classifier, head ``num_classes``, re-scorer."""
-    swap_vocabulary(detector, text_embeddings, novel_classes,
-                    heads=lambda m: isinstance(getattr(m, "fc_cls", None), ZeroShotClassifier))
+def set_vocabulary(
+    detector: nn.Module, text_embeddings: Union[str, Path], novel_classes: Sequence[str] = (),
+    visualizer: Optional[Any] = None,
+) -> List[str]:
+    """Swap a built detector's vocabulary in place: everything that names or counts its classes.
+
+    The zero-shot classifier, the head's ``num_classes`` and the re-scorer take the new classes;
+    ``detector.dataset_meta`` (what ``DetInferencer`` and ``inference_detector`` label with) and the
+    visualiser's ``dataset_meta`` get them as ``classes``, with a palette long enough for them.
+
+    Args:
+        text_embeddings: a file written by ``alphaclip vocab`` / ``save_text_embeddings``.
+        novel_classes: names among them the detector never trained on.
+        visualizer: the visualiser to update (e.g. ``DetInferencer.visualizer``); default: mmengine's
+            current one, if any.
+
+    Returns:
+        The new class names, in label order.
+    """
+    labels = swap_vocabulary(detector, text_embeddings, novel_classes,
+                             heads=lambda m: isinstance(getattr(m, "fc_cls", None), ZeroShotClassifier))
+    meta = dict(getattr(detector, "dataset_meta", None) or {})
+    meta["classes"] = tuple(labels)
+    palette = meta.get("palette")
+    if isinstance(palette, (list, tuple)) and len(palette) >= len(labels):
+        meta["palette"] = list(palette[: len(labels)])
+    else:  # mmdet's fixed-seed random palette: the same colours on every call
+        meta["palette"] = get_palette("random", len(labels))
+    detector.dataset_meta = meta
+    if visualizer is None:
+        try:
+            visualizer = Visualizer.get_current_instance()
+        except RuntimeError:  # no visualiser was created
+            pass
+    if visualizer is not None:
+        visualizer.dataset_meta = meta
+    return labels
