@@ -2,6 +2,7 @@
 weights_only, alpha padding, the vocabulary swap, the frozen scorer outside DDP and checkpoints, re-scoring."""
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -304,3 +305,124 @@ def test_detectron2_predictor_works_after_a_vocabulary_swap(tmp_path, clip_dir):
     assert drawn.get_image().shape == image.shape
     fresh = set_vocabulary(predictor.model, vocab)  # no dataset: one is registered for the vocabulary
     assert fresh == "alphaclip_vocab_vocab" and MetadataCatalog.get(fresh).thing_classes == NEW
+
+
+# --- 4. the frozen scorer is outside DDP and checkpoints; the vocabulary is inside them --------------------------
+def _build_mmdet(cfg):
+    from mmdet.registry import MODELS
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmdet")
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    return model.eval()
+
+
+def test_mmdet_scorer_is_frozen_outside_the_state_dict_and_the_vocabulary_inside(tmp_path, clip_dir):
+    from mmengine.runner import load_checkpoint, save_checkpoint
+
+    from alphaclip_plugins.core.zeroshot import save_text_embeddings
+    from alphaclip_plugins.integrations.mmdet import set_vocabulary
+    from test_mmdet import _batch
+
+    cfg = _mmdet_ov_cfg(tmp_path, clip_dir)
+    model = _build_mmdet(cfg)
+    sd = model.state_dict()
+    assert not [k for k in sd if k.startswith("region_scorer.")]
+    assert not [n for n, _ in model.named_parameters() if n.startswith("region_scorer.")]
+    clip = model.region_scorer.clip
+    assert clip.visual.conv1.weight.numel() and not any(p.requires_grad for p in clip.parameters())
+    assert sd["roi_head.bbox_head.fc_cls.text_embeddings"].shape == (len(OLD), clip.text_projection.shape[1])
+
+    # a vocabulary of the same size, set before saving: the checkpoint, not the file, brings it back
+    from alphaclip_plugins import from_pretrained
+
+    save_text_embeddings(from_pretrained(clip_dir), OLD[::-1], tmp_path / "reversed.safetensors", "clip")
+    set_vocabulary(model, tmp_path / "reversed.safetensors")
+    with torch.no_grad():
+        expected = model.test_step(_batch(4))
+    save_checkpoint(dict(state_dict=model.state_dict()), str(tmp_path / "det.pth"))
+    for f in ("text.safetensors", "reversed.safetensors"):
+        (tmp_path / f).unlink()
+    rebuilt = _build_mmdet(cfg)  # the embeddings file is gone
+    fresh = rebuilt.roi_head.bbox_head.fc_cls.text_embeddings.clone()
+    load_checkpoint(rebuilt, str(tmp_path / "det.pth"), map_location="cpu", strict=True)
+    loaded = rebuilt.roi_head.bbox_head.fc_cls.text_embeddings
+    assert torch.equal(loaded, model.roi_head.bbox_head.fc_cls.text_embeddings) and not torch.equal(loaded, fresh)
+    rebuilt.region_scorer.rescorer.set_vocabulary(OLD[::-1])  # the scorer's names follow the swap, as before
+    with torch.no_grad():
+        got = rebuilt.test_step(_batch(4))
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a.pred_instances.bboxes, b.pred_instances.bboxes)
+        torch.testing.assert_close(a.pred_instances.scores, b.pred_instances.scores)
+    model.half()
+    assert clip.logit_scale.dtype == torch.float16  # .to() / .half() / .cuda() still reach it
+
+
+def test_detectron2_scorer_is_frozen_and_outside_the_state_dict(tmp_path, clip_dir):
+    import_or_skip("detectron2")
+    from detectron2.modeling import build_model
+
+    model = build_model(_d2_ov_cfg(tmp_path, clip_dir, "unused"))
+    sd = model.state_dict()
+    assert not [k for k in sd if "rescorer" in k or k.startswith("clip.")]
+    assert sd["roi_heads.box_predictor.cls_score.text_embeddings"].shape[0] == len(OLD)
+    clip = model.rescorer.scorer.model
+    assert not any(p.requires_grad for p in clip.parameters())
+    model.half()
+    assert clip.logit_scale.dtype == torch.float16
+
+
+def test_open_vocab_config_trains_on_two_processes_with_mmdets_train_script(tmp_path, clip_dir):
+    import json
+    import math
+    import socket
+    import subprocess
+    import sys
+
+    import mmdet
+
+    from test_vitdet import CLASSES, ROOT, synthetic_coco
+
+    data = synthetic_coco(tmp_path / "coco")
+    cfg = _mmdet_ov_cfg(tmp_path, clip_dir)
+    names = list(CLASSES)
+    cfg.model.roi_head.bbox_head.num_classes = len(names)
+    cfg.model.roi_head.bbox_head.cls_predictor_cfg.class_names = names
+    cfg.model.region_scorer.labels = names
+    cfg.model.region_scorer.novel_classes = []
+    pipeline = cfg.train_dataloader.dataset.pipeline
+    next(t for t in pipeline if t.type == "Resize").scale = (128, 128)
+    cfg.train_dataloader.update(batch_size=2, num_workers=0, persistent_workers=False, dataset=dict(
+        data_root=str(data.parent), ann_file=data.name, data_prefix=dict(img="img/"), metainfo=dict(classes=names),
+        filter_cfg=dict(filter_empty_gt=True, min_size=8), pipeline=pipeline))
+    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=3, val_interval=1000)
+    cfg.param_scheduler = []
+    for key in ("val_dataloader", "val_cfg", "val_evaluator", "test_dataloader", "test_cfg", "test_evaluator"):
+        cfg[key] = None
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=3)
+    cfg.log_processor = dict(by_epoch=False)
+    cfg.env_cfg.dist_cfg = dict(backend="gloo")
+    cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None)  # CPU modules
+    cfg.dump(str(tmp_path / "ov_ddp.py"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    train_py = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "tools", "train.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         str(ROOT / "tests" / "cpu_dist_launch.py"), train_py, str(tmp_path / "ov_ddp.py"), "--launcher", "pytorch", "--work-dir", str(tmp_path / "work")],
+        env=env, capture_output=True, text=True, timeout=600)
+    log = f"exit status {run.returncode}\n" + run.stdout[-3000:] + run.stderr[-5000:]
+    assert run.returncode == 0, log
+    assert "Expected to have finished reduction" not in log
+    (scalars,) = (tmp_path / "work").glob("*/vis_data/scalars.json")
+    losses = [json.loads(line)["loss"] for line in scalars.read_text().splitlines() if "loss" in line]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses), f"losses {losses}\n{log}"
+    ckpt = torch.load(tmp_path / "work" / "iter_3.pth", map_location="cpu", weights_only=True)
+    assert not [k for k in ckpt["state_dict"] if k.startswith("region_scorer.")]
+    assert "roi_head.bbox_head.fc_cls.text_embeddings" in ckpt["state_dict"]

@@ -10,7 +10,16 @@ from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
 from torch import nn
 
-from ...detection.open_vocab import ZeroShotClassifier, swap_vocabulary
+from ...detection.open_vocab import ZeroShotClassifier, backbone_clip_spec, swap_vocabulary
+
+
+def clip_spec(cfg) -> Any:
+    """``MODEL.ALPHACLIP.CLIP`` as a ``resolve_model`` spec, ``"backbone"`` resolved from ``ARCH`` and the
+    ``CLIP_CHECKPOINT`` / ``CLIP_TEXT_CHECKPOINT`` keys."""
+    a = cfg.MODEL.ALPHACLIP
+    if a.CLIP != "backbone":
+        return a.CLIP
+    return backbone_clip_spec(a.ARCH, a.CLIP_CHECKPOINT or None, a.CLIP_TEXT_CHECKPOINT or None)
 
 
 class ZeroShotFastRCNNOutputLayers(FastRCNNOutputLayers):
@@ -34,7 +43,7 @@ class ZeroShotFastRCNNOutputLayers(FastRCNNOutputLayers):
         ret = super().from_config(cfg, input_shape)
         a = cfg.MODEL.ALPHACLIP
         ret["zero_shot"] = dict(text_embeddings=a.TEXT_EMBEDDINGS, class_names=list(a.CLASS_NAMES) or None,
-                                clip=a.CLIP, templates=a.TEMPLATES)
+                                clip=clip_spec(cfg), templates=a.TEMPLATES)
         return ret
 
 
