@@ -426,3 +426,145 @@ def test_open_vocab_config_trains_on_two_processes_with_mmdets_train_script(tmp_
     ckpt = torch.load(tmp_path / "work" / "iter_3.pth", map_location="cpu", weights_only=True)
     assert not [k for k in ckpt["state_dict"] if k.startswith("region_scorer.")]
     assert "roi_head.bbox_head.fc_cls.text_embeddings" in ckpt["state_dict"]
+
+
+# --- 5. re-scoring: batched across images, top-k first, then fusion, sort, threshold and cut ---------------------
+def _scenes(count: int = 3):
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    out = []
+    for i in range(count):
+        h, w = 60 + 13 * i, 90 - 11 * i  # non-square, each its own shape
+        image = torch.from_numpy(rng.random((3, h, w), dtype=np.float32))
+        boxes = [[2.0 + j, 3.0, 30.0 + 5 * j, 40.0 - j] for j in range(3 + i)]
+        out.append((image, boxes))
+    return out
+
+
+def test_regions_of_many_images_share_forwards_and_equal_the_core(clip_dir):
+    from alphaclip_plugins import from_pretrained
+    from alphaclip_plugins.detection.rescore import RegionScorer, encode_regions
+
+    model = from_pretrained(clip_dir).eval()
+    scorer = RegionScorer(model, OLD, templates="clip", batch_size=4)  # batches straddle images
+    scenes = _scenes()
+    batched = scorer.score_batch([s[0] for s in scenes], [s[1] for s in scenes] + [])
+    for (image, boxes), got in zip(scenes, batched):
+        torch.testing.assert_close(got, scorer(image, boxes), rtol=0, atol=1e-6)
+        pixels, size = scorer.processor.pixels(image)
+        alpha = scorer.processor.alphas(boxes, size)
+        with torch.no_grad():
+            ref = model.encode_image(pixels.expand(len(boxes), -1, -1, -1), alpha)
+            ours = encode_regions(model.visual, model.visual.conv1(pixels), torch.zeros(len(boxes), dtype=torch.long), alpha)
+        assert (ours - ref).abs().max() < 1e-5
+    empty = scorer.score_batch([scenes[0][0], scenes[1][0]], [[], scenes[1][1]])
+    assert empty[0].shape == (0, len(OLD)) and torch.allclose(empty[1], batched[1], atol=1e-6)
+
+
+class _FixedScorer:
+    """Alpha-CLIP probabilities given per image; records how many regions it was asked to score."""
+
+    def __init__(self, probs):
+        self.labels, self.probs, self.asked = ["a", "b"], probs, []
+
+    def score_batch(self, images, regions):
+        self.asked.append([len(r) for r in regions])
+        return [p[: len(r)] for p, r in zip(self.probs, regions)]
+
+
+def test_rescorer_prefilters_then_fuses_sorts_thresholds_and_cuts():
+    from alphaclip_plugins.detection.rescore import DetectionRescorer, fuse_scores
+
+    image = torch.zeros(3, 50, 50)
+    boxes = torch.tensor([[0.0, 0, 10, 10]] * 5)
+    labels = torch.tensor([0, 1, 0, 1, 0])
+    det = torch.tensor([0.9, 0.6, 0.8, 0.04, 0.3])  # index 3 is under the threshold before fusion
+    # rows follow the detector's order after the top-k: indices 0, 2, 1, 4 (3 is cut by topk=4)
+    clip = torch.tensor([[0.02, 0.98], [0.99, 0.01], [0.1, 0.9], [0.97, 0.03]])
+    scorer = _FixedScorer([clip])
+    rescorer = DetectionRescorer(scorer, alpha_base=0.5, topk=4, score_thr=0.2, max_per_img=2)
+    r = rescorer(image, boxes, labels, det)
+    assert scorer.asked == [[4]]  # only the detector's best 4 were scored
+    top = torch.tensor([0, 2, 1, 4])
+    full = torch.zeros(4, 2)
+    full[torch.arange(4), labels[top]] = det[top]
+    fused = fuse_scores(full, clip, alpha_base=0.5)[torch.arange(4), labels[top]]
+    order = fused.argsort(descending=True)
+    expected = order[fused[order] > 0.2][:2]
+    assert r.keep.tolist() == top[expected].tolist() and r.keep.tolist() != [0, 2]  # not the detector's order
+    torch.testing.assert_close(r.scores, fused[expected])
+    torch.testing.assert_close(r.clip_scores, clip[expected])
+    assert r.scores[0] >= r.scores[1] > 0.2
+    # detection 0 had the best detector score but Alpha-CLIP disagrees: it falls under the threshold
+    assert 0 not in r.keep.tolist()
+    low = DetectionRescorer(_FixedScorer([clip]), alpha_base=0.5, topk=0, score_thr=0.0, max_per_img=0)
+    assert len(low(image, boxes[:4], labels[:4], det[:4]).keep) == 4
+
+
+def test_mmdet_and_detectron2_apply_their_test_cut_after_fusion(tmp_path, clip_dir):
+    from test_mmdet import _batch
+
+    cfg = _mmdet_ov_cfg(tmp_path, clip_dir)
+    cfg.model.test_cfg.rcnn.update(score_thr=1e-4, max_per_img=7)
+    cfg.model.region_scorer.topk = 30
+    model = _build_mmdet(cfg)
+    rescorer = model.region_scorer.rescorer
+    assert (rescorer.score_thr, rescorer.max_per_img, rescorer.topk) == (1e-4, 7, 30)
+    assert model.roi_head.test_cfg.score_thr == 0.0 and model.roi_head.test_cfg.max_per_img == 30
+    with torch.no_grad():
+        for sample in model.test_step(_batch(4)):
+            s = sample.pred_instances.scores
+            assert 0 < len(s) <= 7 and (s > 1e-4).all() and torch.equal(s, s.sort(descending=True).values)
+
+    import_or_skip("detectron2")
+    from detectron2.modeling import build_model
+
+    from test_detectron2 import _inputs
+
+    d2 = _d2_ov_cfg(tmp_path, clip_dir, "unused")
+    d2.MODEL.ROI_HEADS.SCORE_THRESH_TEST, d2.TEST.DETECTIONS_PER_IMAGE = 1e-4, 7
+    d2.MODEL.ALPHACLIP.RESCORE_TOPK = 30
+    model = build_model(d2).eval()
+    predictor = model.roi_heads.box_predictor
+    assert (model.rescorer.score_thr, model.rescorer.max_per_img) == (1e-4, 7)
+    assert predictor.test_score_thresh == 0.0 and predictor.test_topk_per_image == 30
+    with torch.no_grad():
+        for out in model(_inputs(3)):
+            s = out["instances"].scores
+            assert 0 < len(s) <= 7 and (s > 1e-4).all() and torch.equal(s, s.sort(descending=True).values)
+
+
+def test_scorer_defaults_to_the_backbones_architecture_and_weights(tmp_path, clip_dir):
+    from alphaclip_plugins import create_model, from_pretrained
+    from alphaclip_plugins.core.checkpoint import save_official
+    from conftest import random_alpha_conv_
+
+    clip = from_pretrained(clip_dir)
+    cfg = _mmdet_ov_cfg(tmp_path, clip_dir)
+    cfg.model.backbone.init_cfg = dict(type="Pretrained", checkpoint=str(clip_dir))  # a full CLIP: both towers
+    cfg.model.region_scorer.update(clip="backbone", text_checkpoint=None)
+    model = _build_mmdet(cfg)
+    scorer = model.region_scorer.clip
+    for k, v in clip.state_dict().items():
+        assert torch.equal(scorer.state_dict()[k], v), k
+    assert torch.equal(model.backbone.visual.conv1_alpha.weight, scorer.visual.conv1_alpha.weight)
+
+    tower = create_model("tiny", seed=9)  # an official vision-tower file: the text tower comes from text_checkpoint
+    random_alpha_conv_(tower, seed=4)
+    save_official(tower, tmp_path / "tower.pth")
+    cfg.model.backbone.init_cfg = dict(type="Pretrained", checkpoint=str(tmp_path / "tower.pth"))
+    cfg.model.region_scorer.text_checkpoint = str(clip_dir)
+    scorer = _build_mmdet(cfg).region_scorer.clip
+    assert torch.equal(scorer.visual.conv1_alpha.weight, tower.visual.conv1_alpha.weight)
+    assert torch.equal(scorer.token_embedding.weight, clip.token_embedding.weight)
+
+    import_or_skip("detectron2")
+    from detectron2.modeling import build_model
+
+    d2 = _d2_ov_cfg(tmp_path, clip_dir, "unused")
+    d2.MODEL.ALPHACLIP.update(CLIP="backbone", CLIP_CHECKPOINT=str(tmp_path / "tower.pth"),
+                              CLIP_TEXT_CHECKPOINT=str(clip_dir))
+    scorer = build_model(d2).rescorer.scorer.model
+    assert torch.equal(scorer.visual.conv1_alpha.weight, tower.visual.conv1_alpha.weight)
+    assert torch.equal(scorer.token_embedding.weight, clip.token_embedding.weight)
