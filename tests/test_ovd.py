@@ -207,6 +207,8 @@ def test_vocab_cli_writes_embeddings_refuses_to_overwrite_and_checks_the_list(tm
             _vocab(tmp_path, clip_dir, names, "bad.safetensors")
         err = capsys.readouterr().err.strip()
         assert err.startswith("alphaclip: error:") and "\n" not in err
+    with pytest.raises(Failure, match="does not exist"):
+        _vocab(tmp_path, clip_dir.parent / "missing", ["cat"], "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists()
 
 
@@ -355,6 +357,8 @@ def test_mmdet_scorer_is_frozen_outside_the_state_dict_and_the_vocabulary_inside
     for a, b in zip(expected, got):
         torch.testing.assert_close(a.pred_instances.bboxes, b.pred_instances.bboxes)
         torch.testing.assert_close(a.pred_instances.scores, b.pred_instances.scores)
+    legacy = {**model.state_dict(), "region_scorer.clip.logit_scale": torch.zeros(())}  # an older checkpoint
+    rebuilt.load_state_dict(legacy, strict=True)  # the scorer's saved CLIP is dropped: it is rebuilt instead
     model.half()
     assert clip.logit_scale.dtype == torch.float16  # .to() / .half() / .cuda() still reach it
 
@@ -500,6 +504,8 @@ def test_rescorer_prefilters_then_fuses_sorts_thresholds_and_cuts():
     assert 0 not in r.keep.tolist()
     low = DetectionRescorer(_FixedScorer([clip]), alpha_base=0.5, topk=0, score_thr=0.0, max_per_img=0)
     assert len(low(image, boxes[:4], labels[:4], det[:4]).keep) == 4
+    none = low(image, boxes[:0], labels[:0], det[:0])
+    assert none.keep.numel() == 0 and none.clip_scores.shape[0] == 0
 
 
 def test_mmdet_and_detectron2_apply_their_test_cut_after_fusion(tmp_path, clip_dir):
@@ -558,6 +564,9 @@ def test_scorer_defaults_to_the_backbones_architecture_and_weights(tmp_path, cli
     scorer = _build_mmdet(cfg).region_scorer.clip
     assert torch.equal(scorer.visual.conv1_alpha.weight, tower.visual.conv1_alpha.weight)
     assert torch.equal(scorer.token_embedding.weight, clip.token_embedding.weight)
+    cfg.model.region_scorer.text_checkpoint = None
+    with pytest.raises(ValueError, match="vision tower only.*text_checkpoint"):
+        _build_mmdet(cfg)
 
     import_or_skip("detectron2")
     from detectron2.modeling import build_model

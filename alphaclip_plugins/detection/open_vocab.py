@@ -10,6 +10,7 @@ The integrations only translate their frameworks' boxes, images and configs to t
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -18,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.factory import resolve_model
+from ..core.io import CheckpointError
 from ..core.zeroshot import Templates, load_text_embeddings, save_text_embeddings
 from .rescore import DetectionRescorer, RegionScorer, Rescored, clip_boxes, fuse_detections, fuse_scores
 
-__all__ = ["DetectionRescorer", "RegionScorer", "Rescored", "ZeroShotClassifier", "backbone_clip_spec",
+__all__ = ["DetectionRescorer", "RegionScorer", "Rescored", "ZeroShotClassifier", "backbone_clip_spec", "scorer_model",
            "cached_text_embeddings",
            "clip_boxes", "fuse_detections", "fuse_scores", "swap_classifier_vocabulary", "swap_vocabulary"]
 
@@ -57,11 +59,31 @@ def backbone_clip_spec(
             ``image_size`` is not taken: the scorer sees whole images at CLIP's own size.
     """
     spec: dict = dict(name=arch, **{f"vision_{k}": v for k, v in vision.items() if k != "image_size"})
+    if not checkpoint and not text_checkpoint:
+        warnings.warn(f"the re-scorer's {arch} CLIP has random weights: the backbone has no initial checkpoint; "
+                      f"give the backbone one, or configure the scorer's clip", stacklevel=2)
     if text_checkpoint:
         spec.update(pretrained=text_checkpoint, alpha_checkpoint=checkpoint or None)
     elif checkpoint:
         spec.update(pretrained=checkpoint)
     return spec
+
+
+def scorer_model(spec: Any) -> nn.Module:
+    """The re-scorer's CLIP from a ``resolve_model`` spec: frozen and in eval mode.
+
+    Raises:
+        ValueError: a ``backbone_clip_spec`` whose checkpoint is a vision tower only (no text tower).
+    """
+    try:
+        model = resolve_model(spec)
+    except CheckpointError as e:
+        if isinstance(spec, dict) and not spec.get("alpha_checkpoint") and "token_embedding" in str(e):
+            raise ValueError(f"{spec.get('pretrained')} holds a vision tower only, but the re-scorer also needs "
+                             f"CLIP's text tower: give the matching CLIP file (e.g. ViT-B-16.pt) as the scorer's "
+                             f"text_checkpoint (mmdet) or MODEL.ALPHACLIP.CLIP_TEXT_CHECKPOINT (detectron2)") from e
+        raise
+    return model.eval().requires_grad_(False)
 
 
 class ZeroShotClassifier(nn.Module):

@@ -9,11 +9,10 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 
-from ...core.factory import resolve_model
 from ...core.io import read_state_dict
 from ...core.vision import VisionTransformer
 from ...core.weights import read_weights, resolve
-from ...detection.open_vocab import DetectionRescorer, RegionScorer
+from ...detection.open_vocab import DetectionRescorer, RegionScorer, scorer_model
 from ...detection.rescore import select_rescored
 from .open_vocab import clip_spec
 
@@ -58,9 +57,8 @@ class AlphaGeneralizedRCNN(GeneralizedRCNN):
         ret = super().from_config(cfg)
         a = cfg.MODEL.get("ALPHACLIP")
         if a is not None and a.RESCORE:
-            model = resolve_model(clip_spec(cfg)).eval().requires_grad_(False)
-            ret["rescorer"] = DetectionRescorer(RegionScorer(model, a.CLASS_NAMES, a.TEMPLATES), a.NOVEL_CLASSES,
-                                                a.ALPHA_BASE, a.BETA_NOVEL, topk=a.RESCORE_TOPK)
+            scorer = RegionScorer(scorer_model(clip_spec(cfg)), a.CLASS_NAMES, a.TEMPLATES)
+            ret["rescorer"] = DetectionRescorer(scorer, a.NOVEL_CLASSES, a.ALPHA_BASE, a.BETA_NOVEL, topk=a.RESCORE_TOPK)
         return ret
 
     # --- input ----------------------------------------------------------------------------------------

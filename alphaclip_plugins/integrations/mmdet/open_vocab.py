@@ -12,9 +12,8 @@ from mmdet.visualization.palette import get_palette
 from mmengine.visualization import Visualizer
 from torch import nn
 
-from ...core.factory import resolve_model
 from ...detection.open_vocab import (
-    DetectionRescorer, RegionScorer, ZeroShotClassifier, backbone_clip_spec, swap_vocabulary,
+    DetectionRescorer, RegionScorer, ZeroShotClassifier, backbone_clip_spec, scorer_model, swap_vocabulary,
 )
 from ...detection.rescore import select_rescored
 from .data import denormalize_rgb
@@ -70,7 +69,7 @@ class AlphaCLIPRegionScorer(nn.Module):
                 raise ValueError("clip='backbone' builds the scorer from the detector's AlphaCLIPViT backbone; "
                                  "build it inside OpenVocabTwoStageDetector, or set clip to a model")
             clip = backbone_clip_spec(text_checkpoint=text_checkpoint, **backbone)
-        model = resolve_model(clip).eval().requires_grad_(False)
+        model = scorer_model(clip)
         self.__dict__["clip"] = model  # not a submodule: no parameters, no state_dict entries
         self.rescorer = DetectionRescorer(RegionScorer(model, labels, templates, batch_size=batch_size),
                                           novel_classes, alpha_base, beta_novel, topk=topk)
