@@ -131,7 +131,6 @@ def add_alphaclip_config(cfg: CN) -> CN:
     return cfg
 
 
-
 def _vit_from_cfg(cfg: CN) -> AlphaCLIPViTBackbone:
     a = cfg.MODEL.ALPHACLIP
     extra = {"image_size": a.IMAGE_SIZE} if a.IMAGE_SIZE else {}
