@@ -1,4 +1,4 @@
-"""The ``alphaclip`` command: classify regions, convert checkpoints, inspect files, train."""
+"""The ``alphaclip`` command: classify regions, convert checkpoints, inspect files, write vocabularies, train."""
 from __future__ import annotations
 
 import argparse
@@ -134,6 +134,34 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({args.to} layout)")
 
 
+def read_class_names(path: str) -> List[str]:
+    """Class names from a text file: one per line; blank lines and lines starting with ``#`` are skipped."""
+    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    names = [n for n in names if n and not n.startswith("#")]
+    if not names:
+        fail(f"{path} holds no class names; write one name per line", 2)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        fail(f"{path} names {', '.join(map(repr, repeated))} more than once; each class must appear once", 2)
+    return names
+
+
+def cmd_vocab(args: argparse.Namespace) -> None:
+    from .core.factory import resolve_model
+    from .core.zeroshot import save_text_embeddings
+
+    out = Path(args.output)
+    if (out.exists() or out.is_symlink()) and not args.force:
+        fail(f"{out} already exists; pass --force to replace it", 2)
+    if out.is_dir():
+        fail(f"{out} is a directory; give a file name such as vocab.safetensors", 2)
+    names = read_class_names(args.classes)  # a bad class list fails before the model loads
+    model = resolve_model(args.model).eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    emb = save_text_embeddings(model, names, out, args.templates)
+    print(f"wrote {out} ({len(names)} classes, {emb.shape[1]}-d embeddings, {args.templates} templates)")
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .core.weights import match_architecture, read_weights
 
@@ -186,6 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="architecture (inferred from the file if omitted)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("vocab", help="write the class text embeddings of a detection vocabulary")
+    p.add_argument("classes", help="text file, one class name per line")
+    p.add_argument("-o", "--output", required=True, help="safetensors file to write (e.g. vocab.safetensors)")
+    p.add_argument("--model", default="default",
+                   help="Alpha-CLIP model: a save_pretrained directory or checkpoint (default: the embedded model)")
+    p.add_argument("--templates", default="ovseg", choices=sorted(TEMPLATES),
+                   help="prompt set: ovseg (14 prompts) or clip (1 prompt)")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=cmd_vocab)
 
     p = sub.add_parser("info", help="what a checkpoint file holds")
     p.add_argument("checkpoint")

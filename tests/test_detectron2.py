@@ -205,11 +205,15 @@ def test_region_scorer_with_the_embedded_model_ranks_the_right_label():
         h, w = image.shape[:2]
         # The network saw the image at twice its size; boxes are in original pixels, as detectron2 returns.
         big = torch.from_numpy(np.array(image)).permute(2, 0, 1).repeat_interleave(2, 1).repeat_interleave(2, 2)
+        n = len(gt) + len(extra)  # distinct detector scores: the re-scored order maps back to the boxes
         inst = Instances((h, w), pred_boxes=Boxes(torch.tensor(gt + extra, dtype=torch.float32)),
-                         pred_classes=torch.zeros(len(gt) + len(extra), dtype=torch.long),
-                         scores=torch.full((len(gt) + len(extra),), 0.5))
-        model._rescore(dict(image=big, height=h, width=w), inst)
-        hits += int((inst.clip_scores[: len(gt)].argmax(-1) == torch.tensor(gt_labels)).sum())
+                         pred_classes=torch.zeros(n, dtype=torch.long), scores=torch.linspace(0.9, 0.5, n))
+        model.rescorer.score_thr, model.rescorer.max_per_img = 0.0, 0
+        out = model._rescore([dict(image=big, height=h, width=w)], [inst])[0]
+        rows = [int((inst.pred_boxes.tensor == b).all(1).nonzero()[0, 0]) for b in out.pred_boxes.tensor]
+        clip = torch.empty(n, len(names))
+        clip[rows] = out.clip_scores
+        hits += int((clip[: len(gt)].argmax(-1) == torch.tensor(gt_labels)).sum())
         total += len(gt)
     assert hits / total >= 0.9, f"region scorer top-1 {hits}/{total}"
 

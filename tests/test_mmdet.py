@@ -216,18 +216,13 @@ def test_region_scorer_with_the_embedded_model_ranks_the_right_label():
     for image, gt, gt_labels, extra in shape_scenes(12):
         pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 255
         boxes = torch.tensor(gt + extra, dtype=torch.float32)
-        pred = InstanceData(bboxes=boxes, labels=torch.zeros(len(boxes), dtype=torch.long),
-                            scores=torch.full((len(boxes),), 0.5))
-        scorer.rescore(pixels, pred)
-        hits += int((pred.clip_scores[: len(gt)].argmax(-1) == torch.tensor(gt_labels)).sum())
+        hits += int((scorer.score(pixels, boxes.tolist())[: len(gt)].argmax(-1) == torch.tensor(gt_labels)).sum())
         total += len(gt)
         scorer.rescorer.set_vocabulary(subset)  # no rebuild: the next call scores against the new classes
-        pred = InstanceData(bboxes=boxes, labels=torch.zeros(len(boxes), dtype=torch.long),
-                            scores=torch.full((len(boxes),), 0.5))
-        scorer.rescore(pixels, pred)
+        clip = scorer.score(pixels, boxes.tolist())
         for i, label in enumerate(gt_labels):
             if names[label] in subset:
-                sub_hits += int(subset[int(pred.clip_scores[i].argmax())] == names[label])
+                sub_hits += int(subset[int(clip[i].argmax())] == names[label])
                 sub_total += 1
         scorer.rescorer.set_vocabulary(names)
     assert hits / total >= 0.9, f"region scorer top-1 {hits}/{total}"

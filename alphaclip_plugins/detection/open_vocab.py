@@ -1,15 +1,16 @@
 """Open-vocabulary detection pieces shared by the detection integrations (MMDetection, Detectron2).
 
 * :class:`ZeroShotClassifier`: a box classifier whose class weights are Alpha-CLIP text embeddings;
-* :class:`RegionScorer`, :func:`rescore_detections` and :class:`DetectionRescorer`: encode the full
-  image with each detected box (or mask) as alpha and fuse the result with the detector's score, as
-  ViLD / F-VLM do;
+* :class:`RegionScorer` and :class:`DetectionRescorer` (in :mod:`.rescore`): encode the full image with
+  each detected box (or mask) as alpha and fuse the result with the detector's score, as ViLD / F-VLM
+  do; :func:`backbone_clip_spec`: the scorer's CLIP from the backbone's architecture and weights;
 * :func:`swap_vocabulary`: point a built detector at other classes.
 
 The integrations only translate their frameworks' boxes, images and configs to these.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -18,108 +19,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.factory import resolve_model
-from ..core.processor import Mode, RegionProcessor
-from ..core.zeroshot import Templates, load_text_embeddings, save_text_embeddings, text_classifier
+from ..core.io import CheckpointError
+from ..core.zeroshot import Templates, load_text_embeddings, save_text_embeddings
+from .rescore import DetectionRescorer, RegionScorer, Rescored, clip_boxes, fuse_detections, fuse_scores
 
-
-def fuse_scores(
-    det: torch.Tensor, clip: torch.Tensor, novel: Optional[torch.Tensor] = None,
-    alpha_base: float = 0.35, beta_novel: float = 0.65,
-) -> torch.Tensor:
-    """Geometric mean of detector and Alpha-CLIP class scores, weighted per class group.
-
-    ``det^(1 - w) * clip^w`` with ``w = alpha_base`` for base classes and ``beta_novel`` for novel ones
-    (the detector saw base classes in training, so it is trusted more there).
-
-    Args:
-        det: ``[N, K]`` detector probabilities.
-        clip: ``[N, K]`` Alpha-CLIP probabilities.
-        novel: ``[K]`` bool, True for classes unseen by the detector; None = all base.
-    """
-    if det.shape != clip.shape:
-        raise ValueError(f"detector scores {tuple(det.shape)} and Alpha-CLIP scores {tuple(clip.shape)} differ")
-    w = torch.full((clip.shape[-1],), alpha_base, dtype=clip.dtype, device=clip.device)
-    if novel is not None:
-        w = torch.where(novel.to(clip.device), torch.full_like(w, beta_novel), w)
-    return det.clamp_min(0) ** (1 - w) * clip.clamp_min(0) ** w
-
-
-class RegionScorer:
-    """Score regions of an image against a vocabulary with Alpha-CLIP.
-
-    The vocabulary can be swapped at any time (:meth:`set_vocabulary`); class embeddings are cached.
-
-    Args:
-        model: an ``AlphaCLIP`` (two towers).
-        labels: class names.
-        templates: prompt set (``"ovseg"``, ``"clip"`` or a list of ``"... {} ..."``).
-        mode: geometry of the full image and its alpha (pad-to-square keeps every box inside).
-        batch_size: regions encoded per forward.
-    """
-
-    def __init__(
-        self, model: nn.Module, labels: Sequence[str], templates: Templates = "ovseg", mode: Mode = "pad",
-        batch_size: int = 64,
-    ):
-        self.model, self.templates, self.batch_size = model, templates, batch_size
-        self.processor = RegionProcessor(model.visual.cfg.image_size, mode)
-        self.set_vocabulary(labels)
-
-    def set_vocabulary(self, labels: Sequence[str]) -> None:
-        self.labels = list(labels)
-        self.weights = text_classifier(self.model, self.labels, self.templates)  # [K, D]
-
-    @torch.no_grad()
-    def __call__(self, image: Any, regions: Sequence[Any]) -> torch.Tensor:
-        """Probabilities ``[N, K]`` over the vocabulary for N regions (boxes ``xyxy`` in pixels, masks...)."""
-        if len(regions) == 0:
-            return torch.empty(0, len(self.labels))
-        pixels, size = self.processor.pixels(image)
-        device = self.model.logit_scale.device
-        pixels = pixels.to(device)
-        out = []
-        for i in range(0, len(regions), self.batch_size):
-            alpha = self.processor.alphas(list(regions[i : i + self.batch_size]), size).to(device)
-            feats = self.model.encode_image(pixels, alpha, normalize=True).float()
-            out.append((self.model.logit_scale.exp().float() * feats @ self.weights.T.to(device)).softmax(-1))
-        return torch.cat(out).cpu()
-
-
-def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> list:
-    """Detector boxes ``[N, 4]`` -> lists clipped into the image (detectors may overshoot by a pixel)."""
-    b = boxes.detach().float().cpu().clone()
-    b[:, 0::2] = b[:, 0::2].clamp(0, width)
-    b[:, 1::2] = b[:, 1::2].clamp(0, height)
-    # a degenerate box still gets one pixel, so every detection is scored
-    b[:, 2] = torch.maximum(b[:, 2], (b[:, 0] + 1).clamp(max=width))
-    b[:, 0] = torch.minimum(b[:, 0], b[:, 2] - 1)
-    b[:, 3] = torch.maximum(b[:, 3], (b[:, 1] + 1).clamp(max=height))
-    b[:, 1] = torch.minimum(b[:, 1], b[:, 3] - 1)
-    return b.tolist()
-
-
-def rescore_detections(
-    scorer: RegionScorer, image: Any, regions: Sequence[Any], labels: torch.Tensor, scores: torch.Tensor,
-    novel: Optional[torch.Tensor] = None, alpha_base: float = 0.35, beta_novel: float = 0.65,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fuse Alpha-CLIP into the scores of N detections of one image.
-
-    Args:
-        image: the image the regions are in (``[3, H, W]`` in [0, 1], PIL or numpy).
-        regions: N boxes ``xyxy`` (clip them with :func:`clip_boxes`) or masks, in that image's pixels.
-        labels, scores: ``[N]`` the detector's class and score per detection.
-
-    Returns:
-        ``(fused scores [N], Alpha-CLIP probabilities [N, K])``.
-    """
-    clip = scorer(image, regions).to(scores.device)
-    if len(regions) == 0:
-        return scores, clip
-    rows = torch.arange(len(regions), device=scores.device)
-    det = torch.zeros_like(clip)
-    det[rows, labels] = scores.float()
-    fused = fuse_scores(det, clip, novel, alpha_base, beta_novel)
-    return fused[rows, labels].to(scores.dtype), clip
+__all__ = ["DetectionRescorer", "RegionScorer", "Rescored", "ZeroShotClassifier", "backbone_clip_spec", "scorer_model",
+           "cached_text_embeddings",
+           "clip_boxes", "fuse_detections", "fuse_scores", "swap_classifier_vocabulary", "swap_vocabulary"]
 
 
 def cached_text_embeddings(
@@ -138,6 +44,48 @@ def cached_text_embeddings(
     return save_text_embeddings(resolve_model(clip), class_names, path, templates), list(class_names)
 
 
+def backbone_clip_spec(
+    arch: str, checkpoint: Optional[str] = None, text_checkpoint: Optional[str] = None, **vision: Any,
+) -> dict:
+    """``create_model`` keyword arguments of a CLIP with the backbone's architecture and weights: what a
+    re-scorer configured as ``clip="backbone"`` is built from.
+
+    Args:
+        arch: the backbone's architecture (``"ViT-B/16"``...).
+        checkpoint: the backbone's initial weights, any layout the core reads. A full CLIP file gives
+            both towers; a vision tower only (the official Alpha-CLIP ``.pth``) needs ``text_checkpoint``.
+        text_checkpoint: the matching CLIP file (e.g. OpenAI ``ViT-B-16.pt``), for the text tower.
+        **vision: vision config fields the backbone overrides (``layers``, ``patch_size``...);
+            ``image_size`` is not taken: the scorer sees whole images at CLIP's own size.
+    """
+    spec: dict = dict(name=arch, **{f"vision_{k}": v for k, v in vision.items() if k != "image_size"})
+    if not checkpoint and not text_checkpoint:
+        warnings.warn(f"the re-scorer's {arch} CLIP has random weights: the backbone has no initial checkpoint; "
+                      f"give the backbone one, or configure the scorer's clip", stacklevel=2)
+    if text_checkpoint:
+        spec.update(pretrained=text_checkpoint, alpha_checkpoint=checkpoint or None)
+    elif checkpoint:
+        spec.update(pretrained=checkpoint)
+    return spec
+
+
+def scorer_model(spec: Any) -> nn.Module:
+    """The re-scorer's CLIP from a ``resolve_model`` spec: frozen and in eval mode.
+
+    Raises:
+        ValueError: a ``backbone_clip_spec`` whose checkpoint is a vision tower only (no text tower).
+    """
+    try:
+        model = resolve_model(spec)
+    except CheckpointError as e:
+        if isinstance(spec, dict) and not spec.get("alpha_checkpoint") and "token_embedding" in str(e):
+            raise ValueError(f"{spec.get('pretrained')} holds a vision tower only, but the re-scorer also needs "
+                             f"CLIP's text tower: give the matching CLIP file (e.g. ViT-B-16.pt) as the scorer's "
+                             f"text_checkpoint (mmdet) or MODEL.ALPHACLIP.CLIP_TEXT_CHECKPOINT (detectron2)") from e
+        raise
+    return model.eval().requires_grad_(False)
+
+
 class ZeroShotClassifier(nn.Module):
     """Box classifier whose class weights are Alpha-CLIP text embeddings, plus a learned background.
 
@@ -147,7 +95,9 @@ class ZeroShotClassifier(nn.Module):
     Args:
         in_features: box feature size.
         out_features: classes + 1 (background); must agree with the embedding file.
-        text_embeddings: file written by ``save_text_embeddings`` (computed here if missing).
+        text_embeddings: file written by ``alphaclip vocab`` / ``save_text_embeddings``, read (or, if
+            missing, computed and written) at build; the embeddings are then a buffer of the detector's
+            state dict, so a checkpoint's own vocabulary replaces the file's when it is loaded.
         class_names, clip, templates: what to compute that file from.
         logit_scale: inverse temperature of the cosine logits.
     """
@@ -164,7 +114,8 @@ class ZeroShotClassifier(nn.Module):
                              f"{out_features - 1}; make the head's number of classes agree")
         self.proj = nn.Linear(in_features, emb.shape[1])
         self.background = nn.Parameter(torch.randn(emb.shape[1]) * 0.02)
-        self.register_buffer("text_embeddings", F.normalize(emb.float(), dim=-1), persistent=False)
+        # Saved with the detector: a checkpoint serves its vocabulary without the file.
+        self.register_buffer("text_embeddings", F.normalize(emb.float(), dim=-1))
         self.logit_scale = logit_scale
         self.labels = labels
 
@@ -191,39 +142,6 @@ def swap_classifier_vocabulary(model: nn.Module, text_embeddings: Union[str, Pat
     for m in classifiers:
         m.set_vocabulary(emb, labels)
     return labels, len(classifiers)
-
-
-class DetectionRescorer:
-    """Alpha-CLIP re-scoring of a detector's predictions: a :class:`RegionScorer`, the classes the detector
-    never trained on, and the fusion weights. Detection adapters hold one as ``rescorer``.
-
-    Args:
-        scorer: scores regions against the detector's vocabulary (in its label order).
-        novel_classes: names the detector never trained on (weighted by ``beta_novel``).
-        alpha_base, beta_novel: weight of Alpha-CLIP in the geometric mean for base / novel classes.
-    """
-
-    def __init__(self, scorer: RegionScorer, novel_classes: Sequence[str] = (), alpha_base: float = 0.35,
-                 beta_novel: float = 0.65):
-        self.scorer, self.alpha_base, self.beta_novel = scorer, alpha_base, beta_novel
-        self.novel_classes = set(novel_classes)
-
-    def set_vocabulary(self, labels: Sequence[str], novel_classes: Sequence[str] = ()) -> None:
-        self.scorer.set_vocabulary(labels)
-        self.novel_classes = set(novel_classes)
-
-    @torch.no_grad()
-    def __call__(
-        self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
-        masks: Optional[Sequence[Any]] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(fused scores [N], Alpha-CLIP probabilities [N, K])`` of N detections in ``image [3, H, W]``
-        (RGB in [0, 1]); ``boxes [N, 4]`` ``xyxy`` in that image's pixels, or ``masks`` to score instead."""
-        h, w = image.shape[-2:]
-        regions = list(masks) if masks is not None else clip_boxes(boxes, h, w)
-        novel = torch.tensor([name in self.novel_classes for name in self.scorer.labels], dtype=torch.bool)
-        return rescore_detections(self.scorer, image, regions, labels, scores, novel, self.alpha_base,
-                                  self.beta_novel)
 
 
 def swap_vocabulary(

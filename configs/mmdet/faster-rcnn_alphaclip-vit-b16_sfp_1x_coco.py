@@ -13,7 +13,8 @@ model = dict(
     neck=dict(_delete_=True, type='SimpleFeaturePyramid', in_channels=768, out_channels=256, num_outs=5),
 )
 
-# The alpha channel is added after photometric transforms and before the geometric ones.
+# The alpha channel is added after photometric transforms and before the geometric ones. Pad in the
+# pipeline with AlphaPad (alpha padded as background), not mmdet's Pad; the preprocessor pads the batch.
 train_pipeline = [
     dict(type='LoadImageFromFile', backend_args=None),
     dict(type='LoadAnnotations', with_bbox=True),

@@ -11,7 +11,8 @@ custom_imports = dict(imports=['alphaclip_plugins.integrations.mmdet'], allow_fa
 image_size = (1024, 1024)
 num_layers = 12  # blocks of the tower: layer-wise lr decay counts them
 model = dict(
-    # RGB with CLIP's mean/std, alpha with 0.5/0.26; every image padded to 1024 x 1024, as in ViTDet.
+    # RGB with CLIP's mean/std, alpha with 0.5/0.26; every image padded to 1024 x 1024, as in ViTDet
+    # (the preprocessor pads alpha as background, BatchFixedSizePad's padding included).
     data_preprocessor=dict(
         _delete_=True, type='AlphaDetDataPreprocessor', bgr_to_rgb=True, pad_size_divisor=32, pad_mask=True,
         batch_augments=[dict(type='BatchFixedSizePad', size=image_size, pad_mask=True)]),

@@ -6,7 +6,8 @@ _base_ = './faster-rcnn_alphaclip-vit-b16_sfp_1x_coco.py'
 
 classes = ('person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train', 'truck', 'boat', 'dog', 'cat')
 novel_classes = ('bus', 'cat')  # held out of training annotations; scored mainly by Alpha-CLIP
-# The CLIP used for text embeddings and re-scoring: 'default' is the embedded demo model; use real weights:
+# The CLIP whose text tower embeds the class names (once: the file is written at the first build and the
+# embeddings are saved in every checkpoint; `alphaclip vocab classes.txt -o FILE` writes one too).
 clip = dict(name='ViT-B/16', pretrained='checkpoints/ViT-B-16.pt',
             alpha_checkpoint='checkpoints/clip_b16_grit1m_fultune_8xe.pth')
 
@@ -20,6 +21,10 @@ model = dict(
             cls_predictor_cfg=dict(
                 type='ZeroShotClassifier', text_embeddings='work_dirs/text_embeddings_ov.safetensors',
                 class_names=classes, clip=clip, templates='ovseg'))),
-    region_scorer=dict(type='AlphaCLIPRegionScorer', labels=classes, clip=clip, novel_classes=novel_classes,
-                       alpha_base=0.35, beta_novel=0.65),
+    # The re-scorer is the backbone's own Alpha-CLIP (its arch and init checkpoint, a vision tower, plus the
+    # text tower of `text_checkpoint`), frozen and outside DDP and checkpoints. The head's best `topk`
+    # detections are re-scored; test_cfg.rcnn's score_thr and max_per_img then apply to the fused scores.
+    region_scorer=dict(type='AlphaCLIPRegionScorer', labels=classes, clip='backbone',
+                       text_checkpoint='checkpoints/ViT-B-16.pt', novel_classes=novel_classes,
+                       alpha_base=0.35, beta_novel=0.65, topk=100),
 )

@@ -114,12 +114,19 @@ def add_alphaclip_config(cfg: CN) -> CN:
     # Open vocabulary
     a.TEXT_EMBEDDINGS = ""  # file from save_text_embeddings; computed from CLASS_NAMES with CLIP if missing
     a.CLASS_NAMES = []
-    a.CLIP = "default"  # "default" (embedded model), a save_pretrained dir, or a checkpoint
+    # The CLIP of the text embeddings and the re-scorer: "backbone" (ARCH with CLIP_CHECKPOINT, plus the text
+    # tower of CLIP_TEXT_CHECKPOINT when that is a vision tower only), "default" (the embedded demo model),
+    # a save_pretrained directory or a checkpoint.
+    a.CLIP = "backbone"
+    a.CLIP_CHECKPOINT = ""  # "backbone": the tower's weights, any layout (e.g. clip_b16_grit1m_fultune_8xe.pth)
+    a.CLIP_TEXT_CHECKPOINT = ""  # "backbone": the matching CLIP (e.g. ViT-B-16.pt) for the text tower
     a.TEMPLATES = "ovseg"
     a.RESCORE = False  # re-score detections with Alpha-CLIP (box as alpha)
     a.NOVEL_CLASSES = []
     a.ALPHA_BASE = 0.35  # weight of Alpha-CLIP in the geometric mean, base classes
     a.BETA_NOVEL = 0.65  # the same, novel classes
+    a.RESCORE_TOPK = 100  # detections per image re-scored; ROI_HEADS.SCORE_THRESH_TEST / TEST.DETECTIONS_PER_IMAGE
+    #                       then apply to the fused scores
     cfg.INPUT.ALPHA_SOURCE = "whole"  # "whole", "gt_boxes", "gt_masks" or "prompt" (dataset_dict["alpha_prompt"])
     return cfg
 

@@ -9,11 +9,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 
-from ...core.factory import resolve_model
 from ...core.io import read_state_dict
 from ...core.vision import VisionTransformer
 from ...core.weights import read_weights, resolve
-from ...detection.open_vocab import DetectionRescorer, RegionScorer
+from ...detection.open_vocab import DetectionRescorer, RegionScorer, scorer_model
+from ...detection.rescore import select_rescored
+from .open_vocab import clip_spec
 
 _DETECTOR_PREFIXES = ("backbone.", "proposal_generator.", "roi_heads.", "pixel_mean", "pixel_std")
 
@@ -27,22 +28,37 @@ class AlphaGeneralizedRCNN(GeneralizedRCNN):
     * ``load_state_dict`` accepts any layout the core loader reads (official Alpha-CLIP ``.pth``, OpenAI,
       open_clip, Hugging Face, timm): it is converted into the backbone's vision tower, so
       ``DetectionCheckpointer(model).load(path)`` / ``MODEL.WEIGHTS`` just work.
-    * With a ``rescorer``, inference re-scores every detection with Alpha-CLIP (its box as alpha).
+    * With a ``rescorer``, inference re-scores the box predictor's best ``RESCORE_TOPK`` detections per
+      image with Alpha-CLIP (its box as alpha, all images' regions batched), then fuses, sorts, and applies
+      the predictor's test score threshold and detections-per-image cut to the fused scores. The
+      re-scorer's CLIP is frozen and not a submodule (no parameters, no checkpoint entries); ``.to()``
+      moves it.
     """
 
     @configurable
     def __init__(self, *, rescorer: Optional[DetectionRescorer] = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.rescorer = rescorer
+        predictor = getattr(self.roi_heads, "box_predictor", None)
+        if rescorer is not None and predictor is not None:  # threshold and cut come after fusion
+            rescorer.score_thr, rescorer.max_per_img = predictor.test_score_thresh, predictor.test_topk_per_image
+            predictor.test_score_thresh = 0.0
+            if rescorer.topk:
+                predictor.test_topk_per_image = rescorer.topk
         self._register_load_state_dict_pre_hook(self._convert_foreign_checkpoint)
+
+    def _apply(self, fn, *args, **kwargs):
+        if self.rescorer is not None:
+            self.rescorer.scorer.model._apply(fn)
+        return super()._apply(fn, *args, **kwargs)
 
     @classmethod
     def from_config(cls, cfg) -> Dict[str, Any]:
         ret = super().from_config(cfg)
         a = cfg.MODEL.get("ALPHACLIP")
         if a is not None and a.RESCORE:
-            scorer = RegionScorer(resolve_model(a.CLIP), a.CLASS_NAMES, a.TEMPLATES)
-            ret["rescorer"] = DetectionRescorer(scorer, a.NOVEL_CLASSES, a.ALPHA_BASE, a.BETA_NOVEL)
+            scorer = RegionScorer(scorer_model(clip_spec(cfg)), a.CLASS_NAMES, a.TEMPLATES)
+            ret["rescorer"] = DetectionRescorer(scorer, a.NOVEL_CLASSES, a.ALPHA_BASE, a.BETA_NOVEL, topk=a.RESCORE_TOPK)
         return ret
 
     # --- input ----------------------------------------------------------------------------------------
@@ -89,19 +105,24 @@ class AlphaGeneralizedRCNN(GeneralizedRCNN):
         results = super().inference(batched_inputs, detected_instances, do_postprocess)
         if self.rescorer is None or not do_postprocess:
             return results
-        for x, r in zip(batched_inputs, results):
-            self._rescore(x, r["instances"])
+        for r, inst in zip(results, self._rescore(batched_inputs, [r["instances"] for r in results])):
+            r["instances"] = inst
         return results
 
     @torch.no_grad()
-    def _rescore(self, x: Dict[str, Any], inst) -> None:
-        image = x["image"][:3].float() / 255.0
-        if self.input_format == "BGR":
-            image = image.flip(0)
-        h, w = image.shape[-2:]
-        out_h, out_w = inst.image_size
-        boxes = inst.pred_boxes.tensor * torch.tensor([w / out_w, h / out_h] * 2, device=inst.pred_boxes.tensor.device)
-        inst.scores, inst.clip_scores = self.rescorer(image.cpu(), boxes, inst.pred_classes, inst.scores)
+    def _rescore(self, batched_inputs: List[Dict[str, Any]], instances: List[Any]) -> List[Any]:
+        """Re-scored, sorted, thresholded and cut copies of ``instances`` (in output pixels), with
+        ``clip_scores [M, K]``; the images are the network inputs (``x["image"]``)."""
+        images, boxes = [], []
+        for x, inst in zip(batched_inputs, instances):
+            image = x["image"][:3].float() / 255.0
+            images.append(image.flip(0) if self.input_format == "BGR" else image)
+            h, w = image.shape[-2:]
+            out_h, out_w = inst.image_size
+            b = inst.pred_boxes.tensor
+            boxes.append(b * b.new_tensor([w / out_w, h / out_h] * 2))
+        out = self.rescorer.rescore(images, boxes, [i.pred_classes for i in instances], [i.scores for i in instances])
+        return select_rescored(instances, out)
 
 
 def _with_alpha(image: torch.Tensor) -> torch.Tensor:

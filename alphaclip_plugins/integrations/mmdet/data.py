@@ -7,7 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from mmcv.transforms import BaseTransform
-from mmdet.models.data_preprocessors import DetDataPreprocessor
+from mmdet.datasets.transforms import Pad
+from mmdet.models.data_preprocessors import BatchFixedSizePad, DetDataPreprocessor
 from mmdet.registry import MODELS, TRANSFORMS
 
 from ...detection.inputs import RGBA_MEAN_255, RGBA_STD_255, sample_alpha
@@ -20,7 +21,8 @@ class AddAlphaChannel(BaseTransform):
     """Append an alpha channel (uint8, 255 = region) to ``results["img"]``.
 
     Put it after photometric transforms and before geometric ones (Resize, Flip, Pad), which then move
-    image and alpha together; padding fills alpha with 0, i.e. background.
+    image and alpha together. Pad with :class:`AlphaPad` (mmdet's ``Pad`` asserts on a 3-value pad and
+    fills alpha with a scalar pad's value), or leave padding to :class:`AlphaDetDataPreprocessor`.
 
     Args:
         source: ``"whole"`` (all foreground), ``"gt_bboxes"`` / ``"gt_masks"`` (the union of the
@@ -56,13 +58,38 @@ class AddAlphaChannel(BaseTransform):
         return f"{type(self).__name__}(source={self.source!r})"
 
 
+@TRANSFORMS.register_module()
+class AlphaPad(Pad):
+    """mmdet's ``Pad`` for RGB + alpha images: RGB is padded with ``pad_val["img"]`` (a scalar or three
+    values, e.g. YOLOX's ``(114, 114, 114)``), alpha always with 0, i.e. background. 3-channel images are
+    padded exactly as ``Pad`` does. Arguments as ``Pad``.
+    """
+
+    def _pad_img(self, results: dict) -> None:
+        img = results["img"]
+        if img.ndim != 3 or img.shape[2] != 4:
+            return super()._pad_img(results)
+        pad_val = self.pad_val.get("img", 0)
+        if isinstance(pad_val, (tuple, list)) and len(pad_val) != 3:
+            raise ValueError(f"AlphaPad pads RGB with pad_val['img'] and alpha with background; give a scalar "
+                             f"or 3 values (R, G, B), got {tuple(pad_val)}")
+        h, w = img.shape[:2]
+        results["img"] = img[..., :3]
+        super()._pad_img(results)  # RGB, and pad_shape / img_shape of the padded size
+        alpha = np.zeros(results["img"].shape[:2], img.dtype)  # constant padding goes right and below
+        alpha[:h, :w] = img[..., 3]
+        results["img"] = np.concatenate([results["img"], alpha[..., None]], axis=2)
+        results["pad_shape"] = results["img"].shape
+
+
 @MODELS.register_module()
 class AlphaDetDataPreprocessor(DetDataPreprocessor):
     """``DetDataPreprocessor`` for RGB + alpha.
 
     RGB takes the usual path (BGR->RGB, CLIP mean/std, padding); the alpha channel is normalised with its
-    own mean/std (0.5/0.26 on the 0-255 scale), padded as background, and appended. Batches of 3-channel
-    images pass through unchanged: the backbone reads them as whole images.
+    own mean/std (0.5/0.26 on the 0-255 scale), padded as background, and appended. ``batch_augments`` see
+    all four channels; what a ``BatchFixedSizePad`` adds is background in alpha (its ``img_pad_value`` in
+    RGB). Batches of 3-channel images pass through unchanged: the backbone reads them as whole images.
 
     Args:
         mean, std: four values (R, G, B, alpha) on the 0-255 scale; default CLIP's and alpha's.
@@ -85,8 +112,13 @@ class AlphaDetDataPreprocessor(DetDataPreprocessor):
             return inputs[:, :3], list(inputs[:, 3:])
         return [x[:3] for x in inputs], [x[3:] for x in inputs]
 
+    @property
+    def alpha_background(self) -> float:
+        """Background alpha after normalisation: -1.9231 with the default statistics."""
+        return (0.0 - self.alpha_mean) / self.alpha_std
+
     def _alpha(self, alphas: List[torch.Tensor], size, device) -> torch.Tensor:
-        background = (0.0 - self.alpha_mean) / self.alpha_std
+        background = self.alpha_background
         out = []
         for a in alphas:
             a = (a.to(device).float() - self.alpha_mean) / self.alpha_std
@@ -105,7 +137,11 @@ class AlphaDetDataPreprocessor(DetDataPreprocessor):
             inputs = torch.cat([inputs, self._alpha(alphas, inputs.shape[-2:], inputs.device)], dim=1)
         if training and augments is not None:
             for aug in augments:
+                h, w = inputs.shape[-2:]
                 inputs, samples = aug(inputs, samples)
+                if alphas is not None and isinstance(aug, BatchFixedSizePad):  # it pads right and below
+                    inputs[:, 3, h:, :] = self.alpha_background
+                    inputs[:, 3, :, w:] = self.alpha_background
         return {"inputs": inputs, "data_samples": samples}
 
 
