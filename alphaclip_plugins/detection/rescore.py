@@ -8,7 +8,7 @@ scores are fused, sorted, thresholded and cut to ``max_per_img``, in that order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import nn
