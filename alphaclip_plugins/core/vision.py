@@ -183,12 +183,21 @@ class VisionTransformer(nn.Module):
         return self.ln_pre(torch.cat([cls, x], dim=1) + pos)
 
     # --- timm feature interface --------------------------------------------------------------------
+    def encode_tokens(self, grid: torch.Tensor) -> torch.Tensor:
+        """Patch grid ``[B, C, h, w]`` -> tokens after every block, before ``ln_post``: ``[B, 1 + h*w, C]``."""
+        x = self.tokens(grid)
+        if self.window_size:
+            return self.run_blocks(x, (grid.shape[-2], grid.shape[-1]))
+        return self.transformer(x)
+
+    def encode_grid(self, grid: torch.Tensor) -> torch.Tensor:
+        """Patch grid ``[B, C, h, w]`` (:meth:`patch_embed`) -> image embedding ``[B, embed_dim]``."""
+        x = self.encode_tokens(grid)
+        return self.ln_post(x[:, 0]) @ self.proj.to(x.dtype)  # ln_post on the class token only
+
     def forward_features(self, image: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Returns all tokens after ``ln_post``: ``[B, 1 + h*w, width]``."""
-        if self.window_size:
-            grid = self.patch_embed(image, alpha)
-            return self.ln_post(self.run_blocks(self.tokens(grid), (grid.shape[-2], grid.shape[-1])))
-        return self.ln_post(self.transformer(self.tokens(self.patch_embed(image, alpha))))
+        return self.ln_post(self.encode_tokens(self.patch_embed(image, alpha)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Class token -> joint embedding ``[B, embed_dim]`` (or ``[B, width]`` with ``pre_logits``)."""
@@ -197,10 +206,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, image: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Image embedding ``[B, embed_dim]`` (not normalised), as OpenAI CLIP's ``encode_image``."""
-        if self.window_size:
-            return self.forward_head(self.forward_features(image, alpha))
-        x = self.transformer(self.tokens(self.patch_embed(image, alpha)))
-        return self.ln_post(x[:, 0]) @ self.proj.to(x.dtype)  # ln_post on the class token only
+        return self.encode_grid(self.patch_embed(image, alpha))
 
     def forward_intermediates(
         self,

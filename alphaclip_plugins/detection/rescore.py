@@ -54,12 +54,7 @@ def encode_regions(visual: VisionTransformer, rgb: torch.Tensor, index: torch.Te
         ``[R, embed_dim]``, not normalised.
     """
     grid = rgb[index] + visual.conv1_alpha(prepare_alpha(alpha, visual.conv1_alpha.weight.dtype)).to(rgb.dtype)
-    tokens = visual.tokens(grid)
-    if visual.window_size:
-        cls = visual.ln_post(visual.run_blocks(tokens, (grid.shape[-2], grid.shape[-1])))[:, 0]
-    else:
-        cls = visual.ln_post(visual.transformer(tokens)[:, 0])
-    return cls @ visual.proj.to(cls.dtype)
+    return visual.encode_grid(grid)
 
 
 class RegionScorer:
