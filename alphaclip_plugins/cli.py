@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="zero-shot classify regions of an image")
     p.add_argument("image")
-    p.add_argument("--mask", action="append", default=[], help="a mask image (non-zero = region); repeatable")
+    p.add_argument("--mask", action="append", default=[], help="a mask image: 255 (or 1) = region, 0 = background, values between are soft; repeatable")
     p.add_argument("--box", action="append", default=[], type=_box, help="x0,y0,x1,y1 in pixels; repeatable")
     p.add_argument("--labels", nargs="+", help="class names (default: the embedded model's vocabulary)")
     p.add_argument("--model", default=None, help="architecture, e.g. ViT-B/16 (inferred from the file if omitted)")
