@@ -185,9 +185,19 @@ def _record_training_inputs(monkeypatch) -> list:
     return seen
 
 
-def _run_tool(path: Path, argv, monkeypatch) -> None:
+def _run_tool(path, argv, monkeypatch) -> None:
+    """Run a script file (a ``Path``) or a module (a dotted name) as ``__main__`` with ``argv``."""
     monkeypatch.setattr(sys, "argv", [str(path), *argv])
-    runpy.run_path(str(path), run_name="__main__")
+    if isinstance(path, Path):
+        runpy.run_path(str(path), run_name="__main__")
+    else:
+        runpy.run_module(path, run_name="__main__", alter_sys=True)
+
+
+def _finite_losses(out: Path) -> None:
+    logs = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    losses = [r["total_loss"] for r in logs if "total_loss" in r]
+    assert losses and all(np.isfinite(losses)), logs
 
 
 def _hook_line() -> str:
@@ -212,9 +222,12 @@ def tiny_clip(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("config", ["ov_faster_rcnn_alphaclip_vit_b16_sfp.yaml", "faster_rcnn_alphaclip_vit_b16_sfp.yaml"])
+@pytest.mark.parametrize("config,runner", [("ov_faster_rcnn_alphaclip_vit_b16_sfp.yaml", "tool"),
+                                           ("faster_rcnn_alphaclip_vit_b16_sfp.yaml", "tool"),
+                                           ("faster_rcnn_alphaclip_vit_b16_sfp.yaml", "module")])
 def test_detectron2_train_net_with_the_hook_line_honours_alpha_source_optimizer_and_novel_classes(
-        tmp_path, monkeypatch, tiny_clip, config):
+        tmp_path, monkeypatch, tiny_clip, config, runner):
+    """detectron2's tools/train_net.py with the README's line added (or the package's train_net module)."""
     tools = _d2_tools()
     from detectron2.data import DatasetCatalog
 
@@ -226,6 +239,8 @@ def test_detectron2_train_net_with_the_hook_line_honours_alpha_source_optimizer_
     first_def = source.index("\ndef ")
     tool = tmp_path / "train_net.py"
     tool.write_text(source[:first_def] + "\n" + line + "\n" + source[first_def:])
+    if runner == "module":
+        tool = "alphaclip_plugins.integrations.detectron2.train_net"  # python -m ...
 
     ov = config.startswith("ov_")
     train_name, test_name = _register(prompt_coco(tmp_path / "coco"), f"{config[:2]}_{tmp_path.name}")
@@ -250,6 +265,7 @@ def test_detectron2_train_net_with_the_hook_line_honours_alpha_source_optimizer_
     _run_tool(tool, ["--config-file", str(ROOT / "configs" / "detectron2" / config), *opts], monkeypatch)
 
     assert len(seen) == 2 and (tmp_path / "out" / "model_final.pth").exists()
+    _finite_losses(tmp_path / "out")
     ids = set()
     for _, batch in seen:
         for x in batch:
@@ -310,6 +326,7 @@ def test_detectron2_lazyconfig_train_net_runs_each_lazy_config(tmp_path, monkeyp
     _run_tool(tools / "lazyconfig_train_net.py", ["--config-file", str(ROOT / "configs" / "detectron2" / config),
                                                   *opts], monkeypatch)
     assert len(seen) == 2 and (tmp_path / "out" / "model_final.pth").exists()
+    _finite_losses(tmp_path / "out")
     alphas = [x["image"][3].numpy() for _, batch in seen for x in batch]
     assert all(a.ndim == 2 for a in alphas)
     fg = [float((a > 127).mean()) for a in alphas]
