@@ -251,7 +251,8 @@ def test_detectron2_train_net_with_the_hook_line_honours_alpha_source_optimizer_
     opts = [
         "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(tiny_clip / "tower.pth"), "OUTPUT_DIR", str(tmp_path / "out"),
         "MODEL.ALPHACLIP.ARCH", "tiny", "MODEL.ALPHACLIP.OUT_STRIDE", "16", "MODEL.ALPHACLIP.SFP_OUT_CHANNELS", "32",
-        "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "3", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+        "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
         "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
         "DATASETS.TRAIN", f"('{train_name}',)", "DATASETS.TEST", f"('{test_name}',)", "DATALOADER.NUM_WORKERS", "0",
         "INPUT.ALPHA_SOURCE", "prompt", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
@@ -345,7 +346,8 @@ def test_detectron2_mapper_refuses_a_missing_prompt_unless_it_falls_back(tmp_pat
     dicts = DatasetCatalog.get(train_name)
     assert [d["alpha_prompt"] for d in dicts] == _prompts()
     bare = {k: v for k, v in dicts[0].items() if k != "alpha_prompt"}
-    mapper = dict(is_train=False, augmentations=[T.ResizeShortestEdge(64, 1000)], image_format="RGB", alpha_source="prompt")
+    mapper = dict(is_train=False, augmentations=[T.ResizeShortestEdge(64, 1000)], image_format="RGB",
+                  alpha_source="prompt")
     with pytest.raises(ValueError, match=r"has no 'alpha_prompt'.*register_alpha_coco_instances.*ALPHA_FALLBACK"):
         AlphaDatasetMapper(**mapper)(bare)
     assert (AlphaDatasetMapper(**mapper, alpha_fallback="whole")(bare)["image"][3] == 255).all()

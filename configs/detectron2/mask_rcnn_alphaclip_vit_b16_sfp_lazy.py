@@ -8,6 +8,8 @@ its ``lr_multiplier``; the pyramid levels follow the backbone's ``out_stride``.
 
     python tools/lazyconfig_train_net.py --config-file configs/detectron2/mask_rcnn_alphaclip_vit_b16_sfp_lazy.py
 """
-from .mask_rcnn_alphaclip_vit_b16_vitdet_lsj_100ep import dataloader, lr_multiplier, model, optimizer, train  # noqa: F401
+from .mask_rcnn_alphaclip_vit_b16_vitdet_lsj_100ep import (  # noqa: F401
+    dataloader, lr_multiplier, model, optimizer, train,
+)
 
 model.backbone.net.update(window_size=0, global_blocks=())  # global attention (the pre-ViTDet SFP backbone)

@@ -129,7 +129,8 @@ def hold_out_classes(dataset_dicts: Sequence[Dict[str, Any]], classes: Sequence[
     """
     unknown = [c for c in held_out if c not in classes]
     if unknown:  # no annotation can carry them: nothing to drop, but likely a misspelt name
-        logging.getLogger(__name__).warning("held-out classes %s are not among the dataset's %s", unknown, list(classes))
+        logging.getLogger(__name__).warning("held-out classes %s are not among the dataset's %s", unknown,
+                                            list(classes))
     drop = {i for i, c in enumerate(classes) if c in held_out}
     out = []
     for d in dataset_dicts:

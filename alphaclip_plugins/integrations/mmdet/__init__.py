@@ -19,7 +19,8 @@ from .optimizer import AlphaCLIPLayerDecayOptimizerConstructor  # noqa: E402
 from .open_vocab import AlphaCLIPRegionScorer, OpenVocabTwoStageDetector, ZeroShotClassifier, set_vocabulary  # noqa: E402,E501
 
 __all__ = [
-    "AlphaCLIPViT", "AddAlphaChannel", "AlphaCocoDataset", "AlphaDetDataPreprocessor", "AlphaPad", "SimpleFeaturePyramid",
+    "AlphaCLIPViT", "AddAlphaChannel", "AlphaCocoDataset", "AlphaDetDataPreprocessor", "AlphaPad",
+    "SimpleFeaturePyramid",
     "AlphaCLIPRegionScorer", "OpenVocabTwoStageDetector", "ZeroShotClassifier", "set_vocabulary",
     "AlphaCLIPLayerDecayOptimizerConstructor", "register_mmengine_safe_globals",
 ]

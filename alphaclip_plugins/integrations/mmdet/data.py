@@ -93,7 +93,8 @@ class AlphaCocoDataset(CocoDataset):
         classes = list(self.metainfo["classes"])
         unknown = [c for c in self.novel_classes if c not in classes]
         if unknown:  # no annotation can carry them: nothing to drop, but likely a misspelt name
-            print_log(f"novel_classes {unknown} are not among the dataset's classes {classes}", "current", logging.WARNING)
+            print_log(f"novel_classes {unknown} are not among the dataset's classes {classes}", "current",
+                      logging.WARNING)
         self._held_out = {classes.index(c) for c in self.novel_classes if c in classes}
         return super().load_data_list()
 
