@@ -72,11 +72,11 @@ class AlphaDatasetMapper(DatasetMapper):
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
-        utils.check_image_size(dataset_dict, image)
         if self.alpha_source == "prompt" and dataset_dict.get(PROMPT_KEY) is None and self.alpha_fallback == "error":
             raise missing_prompt_error(dataset_dict["file_name"], "register_alpha_coco_instances",
                                        "INPUT.ALPHA_FALLBACK 'whole' (AlphaDatasetMapper(alpha_fallback='whole'))")
+        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
         alpha = alpha_mask(dataset_dict, self.alpha_source, *image.shape[:2])
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
