@@ -99,16 +99,15 @@ def test_lazy_mask_rcnn_builds_trains_and_predicts():
     from detectron2.config import LazyConfig, instantiate
 
     cfg = LazyConfig.load(str(CONFIGS / "mask_rcnn_alphaclip_vit_b16_sfp_lazy.py"))
-    cfg.model.backbone.net.arch = "tiny"
+    cfg.model.backbone.net.update(arch="tiny", out_stride=8)  # the tiny tower's own stride: levels p1..p5
     cfg.model.backbone.square_pad = 0
     cfg.model.roi_heads.num_classes = 5
     cfg.model.proposal_generator.post_nms_topk = (50, 50)
     cfg.model.roi_heads.batch_size_per_image = 32
-    cfg.model.proposal_generator.in_features = TINY_LEVELS
-    cfg.model.roi_heads.box_in_features = cfg.model.roi_heads.mask_in_features = TINY_LEVELS[:-1]
-    cfg.model.roi_heads.box_pooler.scales = cfg.model.roi_heads.mask_pooler.scales = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
     model = instantiate(cfg.model)
-    model.backbone.top_block.in_feature = "p4"  # the coarsest tiny level
+    assert model.proposal_generator.in_features == TINY_LEVELS and model.backbone.top_block.in_feature == "p4"
+    assert [p.spatial_scale for p in model.roi_heads.box_pooler.level_poolers] == [1 / 2, 1 / 4, 1 / 8, 1 / 16]
+    assert model.backbone.net.visual.window_size == 0  # global attention, unlike the ViTDet config it shares
     _train_step_and_predict(model, with_masks=True)
 
 

@@ -16,6 +16,19 @@ ALPHA_BACKGROUND_255 = (0.0 - RGBA_MEAN_255[3]) / RGBA_STD_255[3]
 
 AlphaSource = Literal["whole", "boxes", "masks", "prompt"]
 SOURCES = ("whole", "boxes", "masks", "prompt")
+#: The COCO-JSON field of an image's alpha prompt (``images[i]["alpha_prompt"]``), and the sample key it
+#: becomes in both frameworks: a box ``[x0, y0, x1, y1]`` or ``{"box": [...]}`` in pixels, a polygon
+#: ``{"polygon": [x0, y0, ...]}`` (or a list of rings), a COCO RLE ``{"size": [h, w], "counts": ...}``, or
+#: ``null`` (none: an error for the ``"prompt"`` source unless its fallback is the whole image).
+PROMPT_KEY = "alpha_prompt"
+
+
+def missing_prompt_error(image: Any, loader: str, fallback: str) -> ValueError:
+    """The error of a ``"prompt"`` alpha source meeting a sample without a prompt."""
+    return ValueError(
+        f"the alpha source is 'prompt' but {image} has no {PROMPT_KEY!r}; give every image one in the COCO "
+        f"JSON (images[i][{PROMPT_KEY!r}]: a box [x0, y0, x1, y1], {{'polygon': [...]}} or an RLE) and load it "
+        f"with {loader}, or use {fallback} to take the whole image where none is given")
 
 
 def sample_alpha(

@@ -1,26 +1,15 @@
-"""Mask R-CNN, ViTDet style, with an Alpha-CLIP ViT-B/16 backbone (LazyConfig).
+"""Mask R-CNN with an Alpha-CLIP ViT-B/16 backbone attending globally in every block, in a simple feature
+pyramid (LazyConfig, projects/ViTDet style).
 
-    from detectron2.config import LazyConfig, instantiate
-    cfg = LazyConfig.load("configs/detectron2/mask_rcnn_alphaclip_vit_b16_sfp_lazy.py")
-    model = instantiate(cfg.model)
+Everything but the attention is the ViTDet recipe of ``mask_rcnn_alphaclip_vit_b16_vitdet_lsj_100ep.py``,
+imported from it: large-scale jitter at 1024 px through ``AlphaDatasetMapper``, AdamW with layer-wise lr
+decay 0.7 and no weight decay on norms, biases, class and positional embeddings, the 100-epoch schedule and
+its ``lr_multiplier``; the pyramid levels follow the backbone's ``out_stride``.
+
+    python tools/lazyconfig_train_net.py --config-file configs/detectron2/mask_rcnn_alphaclip_vit_b16_sfp_lazy.py
 """
-from detectron2.config import LazyCall as L
-from detectron2.model_zoo import get_config
-from detectron2.modeling import SimpleFeaturePyramid
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool
-
-from alphaclip_plugins.integrations.detectron2 import AlphaCLIPViTBackbone, AlphaGeneralizedRCNN
-from alphaclip_plugins.integrations.detectron2.backbone import PIXEL_MEAN, PIXEL_STD
-
-model = get_config("common/models/mask_rcnn_vitdet.py").model
-model._target_ = AlphaGeneralizedRCNN
-model.pixel_mean, model.pixel_std, model.input_format = PIXEL_MEAN, PIXEL_STD, "RGB"
-model.backbone = L(SimpleFeaturePyramid)(
-    net=L(AlphaCLIPViTBackbone)(arch="ViT-B/16", out_feature="last_feat", with_cp=True),
-    in_feature="last_feat",
-    out_channels=256,
-    scale_factors=(4.0, 2.0, 1.0, 0.5),
-    top_block=L(LastLevelMaxPool)(),
-    norm="LN",
-    square_pad=1024,
+from .mask_rcnn_alphaclip_vit_b16_vitdet_lsj_100ep import (  # noqa: F401
+    dataloader, lr_multiplier, model, optimizer, train,
 )
+
+model.backbone.net.update(window_size=0, global_blocks=())  # global attention (the pre-ViTDet SFP backbone)

@@ -28,3 +28,11 @@ model = dict(
                        text_checkpoint='checkpoints/ViT-B-16.pt', novel_classes=novel_classes,
                        alpha_base=0.35, beta_novel=0.65, topk=100),
 )
+
+# Train on the base classes only: AlphaCocoDataset drops the annotations of `novel_classes` (labels keep their
+# index among `classes`); the test set keeps every class. It also delivers images[i]['alpha_prompt'] of the
+# COCO JSON to AddAlphaChannel(source='prompt').
+train_dataloader = dict(dataset=dict(type='AlphaCocoDataset', metainfo=dict(classes=classes),
+                                     novel_classes=novel_classes))
+val_dataloader = dict(dataset=dict(type='AlphaCocoDataset', metainfo=dict(classes=classes)))
+test_dataloader = val_dataloader

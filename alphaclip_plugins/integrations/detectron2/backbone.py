@@ -128,6 +128,8 @@ def add_alphaclip_config(cfg: CN) -> CN:
     a.RESCORE_TOPK = 100  # detections per image re-scored; ROI_HEADS.SCORE_THRESH_TEST / TEST.DETECTIONS_PER_IMAGE
     #                       then apply to the fused scores
     cfg.INPUT.ALPHA_SOURCE = "whole"  # "whole", "gt_boxes", "gt_masks" or "prompt" (dataset_dict["alpha_prompt"])
+    cfg.INPUT.ALPHA_FALLBACK = "error"  # "prompt" on a dict without one: "error", or "whole" (the whole image)
+    cfg.SOLVER.OPTIMIZER = "SGD"  # AlphaCLIPTrainer: "SGD" (detectron2's) or "ADAMW" (no decay on the tower's embeddings)
     return cfg
 
 

@@ -13,13 +13,14 @@ from .safe_globals import register_mmengine_safe_globals  # noqa: E402
 register_mmengine_safe_globals()  # mmengine checkpoints load under torch >= 2.6's weights_only default
 
 from .backbone import AlphaCLIPViT  # noqa: E402
-from .data import AddAlphaChannel, AlphaDetDataPreprocessor, AlphaPad  # noqa: E402
+from .data import AddAlphaChannel, AlphaCocoDataset, AlphaDetDataPreprocessor, AlphaPad  # noqa: E402
 from .neck import SimpleFeaturePyramid  # noqa: E402
 from .optimizer import AlphaCLIPLayerDecayOptimizerConstructor  # noqa: E402
 from .open_vocab import AlphaCLIPRegionScorer, OpenVocabTwoStageDetector, ZeroShotClassifier, set_vocabulary  # noqa: E402,E501
 
 __all__ = [
-    "AlphaCLIPViT", "AddAlphaChannel", "AlphaDetDataPreprocessor", "AlphaPad", "SimpleFeaturePyramid",
+    "AlphaCLIPViT", "AddAlphaChannel", "AlphaCocoDataset", "AlphaDetDataPreprocessor", "AlphaPad",
+    "SimpleFeaturePyramid",
     "AlphaCLIPRegionScorer", "OpenVocabTwoStageDetector", "ZeroShotClassifier", "set_vocabulary",
     "AlphaCLIPLayerDecayOptimizerConstructor", "register_mmengine_safe_globals",
 ]

@@ -1,17 +1,20 @@
 """4-channel data for MMDetection: an alpha channel in the pipeline, normalised in the preprocessor."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import logging
+from typing import List, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from mmcv.transforms import BaseTransform
+from mmdet.datasets import CocoDataset
 from mmdet.datasets.transforms import Pad
 from mmdet.models.data_preprocessors import BatchFixedSizePad, DetDataPreprocessor
-from mmdet.registry import MODELS, TRANSFORMS
+from mmdet.registry import DATASETS, MODELS, TRANSFORMS
+from mmengine.logging import print_log
 
-from ...detection.inputs import RGBA_MEAN_255, RGBA_STD_255, sample_alpha
+from ...detection.inputs import PROMPT_KEY, RGBA_MEAN_255, RGBA_STD_255, missing_prompt_error, sample_alpha
 
 _SHARED_SOURCE = {"whole": "whole", "gt_bboxes": "boxes", "gt_masks": "masks", "prompt": "prompt"}
 
@@ -27,13 +30,18 @@ class AddAlphaChannel(BaseTransform):
     Args:
         source: ``"whole"`` (all foreground), ``"gt_bboxes"`` / ``"gt_masks"`` (the union of the
             annotations: referring-style prompts), or ``"prompt"`` (``results["alpha_prompt"]``: a box
-            ``xyxy``, a mask, a polygon or an RLE, in image pixels; absent = whole image).
+            ``xyxy``, a mask, a polygon or an RLE, in image pixels, which :class:`AlphaCocoDataset` copies
+            from the COCO JSON's ``images[i]["alpha_prompt"]``).
+        fallback: what ``"prompt"`` does for a sample without a prompt: ``"error"`` (raise) or
+            ``"whole"`` (the whole image).
     """
 
-    def __init__(self, source: str = "whole"):
+    def __init__(self, source: str = "whole", fallback: Literal["error", "whole"] = "error"):
         if source not in ("whole", "gt_bboxes", "gt_masks", "prompt"):
             raise ValueError(f"source must be 'whole', 'gt_bboxes', 'gt_masks' or 'prompt'; got {source!r}")
-        self.source = source
+        if fallback not in ("error", "whole"):
+            raise ValueError(f"fallback must be 'error' or 'whole'; got {fallback!r}")
+        self.source, self.fallback = source, fallback
 
     def _mask(self, results: dict, h: int, w: int) -> np.ndarray:
         boxes = results.get("gt_bboxes") if self.source == "gt_bboxes" else None
@@ -49,13 +57,61 @@ class AddAlphaChannel(BaseTransform):
         img = results["img"]
         if img.ndim != 3 or img.shape[2] != 3:
             raise ValueError(f"AddAlphaChannel expects an [H, W, 3] image; got shape {img.shape}")
+        if self.source == "prompt" and results.get(PROMPT_KEY) is None and self.fallback == "error":
+            raise missing_prompt_error(results.get("img_path", "an image"), "type='AlphaCocoDataset'",
+                                       "AddAlphaChannel(source='prompt', fallback='whole')")
         h, w = img.shape[:2]
         alpha = np.rint(self._mask(results, h, w) * 255).astype(img.dtype)
         results["img"] = np.concatenate([img, alpha[..., None]], axis=2)
         return results
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(source={self.source!r})"
+        return f"{type(self).__name__}(source={self.source!r}, fallback={self.fallback!r})"
+
+
+@DATASETS.register_module()
+class AlphaCocoDataset(CocoDataset):
+    """``CocoDataset`` that delivers each image's alpha prompt and can hold classes out of training.
+
+    ``images[i]["alpha_prompt"]`` of the COCO JSON (a box ``[x0, y0, x1, y1]`` in pixels, ``{"box": ...}``,
+    ``{"polygon": [...]}``, a COCO RLE or ``null``) becomes ``results["alpha_prompt"]``, which
+    ``AddAlphaChannel(source='prompt')`` draws before the geometric transforms move it with the image.
+
+    Args:
+        novel_classes: names among ``metainfo["classes"]`` whose annotations are dropped (open-vocabulary
+            training on the base classes); the other labels keep their index among all classes. With
+            ``filter_cfg.filter_empty_gt`` an image left without annotations is dropped. Empty for test sets.
+        **kwargs: as ``CocoDataset``.
+    """
+
+    def __init__(self, *args, novel_classes: Sequence[str] = (), **kwargs):
+        self.novel_classes = tuple(novel_classes)
+        self._held_out: set = set()
+        super().__init__(*args, **kwargs)
+
+    def load_data_list(self) -> List[dict]:
+        classes = list(self.metainfo["classes"])
+        unknown = [c for c in self.novel_classes if c not in classes]
+        if unknown:  # no annotation can carry them: nothing to drop, but likely a misspelt name
+            print_log(f"novel_classes {unknown} are not among the dataset's classes {classes}", "current",
+                      logging.WARNING)
+        self._held_out = {classes.index(c) for c in self.novel_classes if c in classes}
+        return super().load_data_list()
+
+    def parse_data_info(self, raw_data_info: dict) -> dict:
+        info = super().parse_data_info(raw_data_info)
+        prompt = raw_data_info["raw_img_info"].get(PROMPT_KEY)
+        if prompt is not None:
+            info[PROMPT_KEY] = prompt
+        if self._held_out:
+            info["instances"] = [i for i in info["instances"] if i["bbox_label"] not in self._held_out]
+        return info
+
+    def filter_data(self) -> List[dict]:
+        data = super().filter_data()
+        if self.test_mode or not self._held_out or not (self.filter_cfg or {}).get("filter_empty_gt", False):
+            return data
+        return [d for d in data if d["instances"]]  # images whose annotations were all novel
 
 
 @TRANSFORMS.register_module()
