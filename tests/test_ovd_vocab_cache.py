@@ -175,3 +175,110 @@ def test_class_names_missing_from_the_dataset_are_an_error_naming_them(tmp_path)
     derived = class_subset_dataset(dataset, CLASS_NAMES)
     assert class_subset_dataset(derived, CLASS_NAMES) == derived
     assert class_subset_dataset(dataset, ["block", "bar", "disc", "square"]) == dataset  # sorted by id: as is
+
+
+# --- Class embeddings served from the detector's checkpoint -----------------------------------------------------
+NAMES = ["red circle", "blue square", "green triangle"]
+
+
+def _absent_clip(tmp_path: Path) -> dict:
+    """A CLIP spec whose architecture is known and whose checkpoint is not there."""
+    return dict(name="tiny", pretrained=str(tmp_path / "absent" / "ViT-B-16.pt"))
+
+
+def test_zero_shot_classifier_computes_its_embeddings_only_when_nothing_brought_them(tmp_path, tiny_clip):
+    from alphaclip_plugins import from_pretrained
+    from alphaclip_plugins.core.zeroshot import load_text_embeddings, text_classifier
+    from alphaclip_plugins.detection.open_vocab import ZeroShotClassifier
+
+    file, x = tmp_path / "text.safetensors", torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    computed = ZeroShotClassifier(32, len(NAMES) + 1, file, NAMES, clip=str(tiny_clip / "clip"), templates="clip")
+    assert not file.exists()  # not at build
+    expected = computed(x)  # the first forward computes them and writes the file
+    emb, labels = load_text_embeddings(file)
+    assert labels == NAMES
+    reference = text_classifier(from_pretrained(tiny_clip / "clip"), NAMES, "clip")
+    torch.testing.assert_close(computed.text_embeddings, torch.nn.functional.normalize(reference, dim=-1))
+    torch.testing.assert_close(emb, reference)
+    file.unlink()
+
+    served = ZeroShotClassifier(32, len(NAMES) + 1, file, NAMES, clip=_absent_clip(tmp_path))  # no CLIP read
+    served.load_state_dict(computed.state_dict())
+    assert torch.equal(served(x), expected) and not file.exists()
+
+    lost = ZeroShotClassifier(32, len(NAMES) + 1, file, NAMES, clip=_absent_clip(tmp_path))
+    early = ZeroShotClassifier(32, len(NAMES) + 1, file, NAMES, clip=_absent_clip(tmp_path)).state_dict()
+    lost.load_state_dict(early)  # saved before its embeddings were computed: zeros, which bring nothing
+    with pytest.raises(FileNotFoundError, match=r"text.safetensors does not exist and no checkpoint loaded them.*"
+                                                r"absent.*alphaclip vocab"):
+        lost(x)
+    lost.load_state_dict(computed.state_dict())
+    assert torch.equal(lost(x), expected)
+
+
+def _predict_mmdet(cfg, checkpoint, image):
+    from mmdet.apis import inference_detector, init_detector
+
+    pred = inference_detector(init_detector(cfg, checkpoint, device="cpu"), image).pred_instances
+    assert len(pred) > 0
+    return pred
+
+
+def test_mmdet_init_detector_predicts_from_the_checkpoints_embeddings_without_the_clip(tmp_path, tiny_clip):
+    import_or_skip("mmdet")
+    import_or_skip("mmcv.ops")
+    from mmengine.runner import save_checkpoint
+
+    from test_ovd import _build_mmdet, _mmdet_ov_cfg, _textured_image
+
+    cfg = _mmdet_ov_cfg(tmp_path, tiny_clip / "clip")
+    cfg.model.region_scorer = None  # re-scoring needs its CLIP; the classifier's embeddings do not
+    head = cfg.model.roi_head.bbox_head
+    head.update(num_classes=len(NAMES))
+    head.cls_predictor_cfg.update(class_names=NAMES, clip=str(tiny_clip / "clip"), templates="clip")
+    model = _build_mmdet(cfg)  # init_weights computes them and writes the file
+    save_checkpoint(dict(state_dict=model.state_dict(), meta=dict(dataset_meta=dict(classes=tuple(NAMES)))),
+                    str(tmp_path / "det.pth"))
+    _textured_image(tmp_path / "img.png")
+    before = _predict_mmdet(cfg, str(tmp_path / "det.pth"), str(tmp_path / "img.png"))
+
+    file = Path(head.cls_predictor_cfg.text_embeddings)
+    file.unlink()
+    head.cls_predictor_cfg.clip = _absent_clip(tmp_path)
+    after = _predict_mmdet(cfg, str(tmp_path / "det.pth"), str(tmp_path / "img.png"))
+    assert not file.exists()
+    for key in ("bboxes", "scores", "labels"):
+        assert torch.equal(before[key], after[key]), key
+    with pytest.raises(FileNotFoundError, match="does not exist and no checkpoint loaded them"):
+        _predict_mmdet(cfg, None, str(tmp_path / "img.png"))  # no checkpoint, no file, no CLIP
+
+
+def test_detectron2_predictor_predicts_from_the_checkpoints_embeddings_without_the_clip(tmp_path, tiny_clip):
+    _d2_tools()
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.engine import DefaultPredictor
+    from detectron2.modeling import build_model
+
+    from test_detectron2 import _yacs
+    from test_ovd import _textured_image
+
+    cfg = _yacs("ov_faster_rcnn_alphaclip_vit_b16_sfp.yaml")
+    cfg.MODEL.ALPHACLIP.update(TEXT_EMBEDDINGS=str(tmp_path / "text.safetensors"), CLASS_NAMES=NAMES, NOVEL_CLASSES=[],
+                               CLIP=str(tiny_clip / "clip"), TEMPLATES="clip", RESCORE=False)
+    cfg.MODEL.ROI_HEADS.update(NUM_CLASSES=len(NAMES), SCORE_THRESH_TEST=0.0)
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 128
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model([{"image": torch.zeros(4, 32, 32)}])  # the first forward computes the embeddings
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("det")
+    image = _textured_image(tmp_path / "img.png")[..., ::-1].copy()
+    cfg.MODEL.WEIGHTS = str(tmp_path / "det.pth")
+    before = DefaultPredictor(cfg)(image)["instances"]
+
+    (tmp_path / "text.safetensors").unlink()
+    cfg.MODEL.ALPHACLIP.update(CLIP="backbone", CLIP_CHECKPOINT=str(tmp_path / "absent.pth"),
+                               CLIP_TEXT_CHECKPOINT=str(tmp_path / "absent.pt"))
+    after = DefaultPredictor(cfg)(image)["instances"]
+    assert len(after) > 0 and not (tmp_path / "text.safetensors").exists()
+    assert torch.equal(before.pred_boxes.tensor, after.pred_boxes.tensor)
+    assert torch.equal(before.scores, after.scores) and torch.equal(before.pred_classes, after.pred_classes)
