@@ -84,7 +84,8 @@ def _opts(tmp_path: Path, clip: Path, dataset: str) -> list:
     return [
         "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(clip / "tower.pth"), "OUTPUT_DIR", str(tmp_path / "out"),
         "MODEL.ALPHACLIP.ARCH", "tiny", "MODEL.ALPHACLIP.OUT_STRIDE", "16", "MODEL.ALPHACLIP.SFP_OUT_CHANNELS", "32",
-        "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "3", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+        "MODEL.ROI_BOX_HEAD.FC_DIM", "64", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "50",
         "MODEL.RPN.POST_NMS_TOPK_TEST", "50", "DATASETS.TRAIN", f"('{dataset}',)", "DATASETS.TEST", f"('{dataset}',)",
         "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MIN_SIZE_TEST", "64",
@@ -268,8 +269,10 @@ def test_detectron2_predictor_predicts_from_the_checkpoints_embeddings_without_t
     cfg.MODEL.ROI_HEADS.update(NUM_CLASSES=len(NAMES), SCORE_THRESH_TEST=0.0)
     cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 128
     model = build_model(cfg).eval()
+    assert not (tmp_path / "text.safetensors").exists()  # not at build
     with torch.no_grad():
         model([{"image": torch.zeros(4, 32, 32)}])  # the first forward computes the embeddings
+    assert (tmp_path / "text.safetensors").exists()
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("det")
     image = _textured_image(tmp_path / "img.png")[..., ::-1].copy()
     cfg.MODEL.WEIGHTS = str(tmp_path / "det.pth")

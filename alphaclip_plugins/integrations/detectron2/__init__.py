@@ -23,5 +23,6 @@ __all__ = [
     "AlphaCLIPViTBackbone", "add_alphaclip_config", "build_alphaclip_vit_backbone", "build_alphaclip_vit_sfp_backbone",
     "AlphaDatasetMapper", "AlphaCLIPCheckpointer", "AlphaGeneralizedRCNN", "OpenVocabROIHeads",
     "ZeroShotFastRCNNOutputLayers", "set_vocabulary", "get_alphaclip_vit_lr_decay_rate", "no_weight_decay_overrides",
-    "AlphaCLIPTrainer", "class_subset_dataset", "get_cfg", "hold_out_classes", "load_alpha_coco_json", "register_alpha_coco_instances",
+    "AlphaCLIPTrainer", "get_cfg", "hold_out_classes", "load_alpha_coco_json", "register_alpha_coco_instances",
+    "class_subset_dataset",
 ]
