@@ -10,6 +10,7 @@ The integrations only translate their frameworks' boxes, images and configs to t
 """
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
@@ -86,6 +87,27 @@ def scorer_model(spec: Any) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def _text_embed_dim(clip: Any) -> Optional[int]:
+    """The text embedding size of the CLIP that the ``resolve_model`` spec ``clip`` names, from its config
+    alone (no weights are read); None when only its weights can tell (a checkpoint path)."""
+    from ..core.config import CLIPConfig, get_config
+    from ..core.factory import CONFIG_NAME, DEFAULT_MODEL_DIR
+
+    if isinstance(clip, nn.Module):
+        cfg = clip.cfg
+    elif isinstance(clip, dict):
+        if clip.get("name", "ViT-B/16") is None:
+            return None
+        args = ("name", "pretrained", "alpha_checkpoint", "strict", "precision", "device", "seed")
+        cfg = get_config(clip.get("name", "ViT-B/16")).replace(**{k: v for k, v in clip.items() if k not in args})
+    else:
+        config = (DEFAULT_MODEL_DIR if clip == "default" else Path(clip)) / CONFIG_NAME
+        if not config.is_file():
+            return None
+        cfg = CLIPConfig.from_dict(json.loads(config.read_text())["config"])
+    return (cfg.text or cfg.vision).embed_dim
+
+
 class ZeroShotClassifier(nn.Module):
     """Box classifier whose class weights are Alpha-CLIP text embeddings, plus a learned background.
 
@@ -95,9 +117,13 @@ class ZeroShotClassifier(nn.Module):
     Args:
         in_features: box feature size.
         out_features: classes + 1 (background); must agree with the embedding file.
-        text_embeddings: file written by ``alphaclip vocab`` / ``save_text_embeddings``, read (or, if
-            missing, computed and written) at build; the embeddings are then a buffer of the detector's
-            state dict, so a checkpoint's own vocabulary replaces the file's when it is loaded.
+        text_embeddings: file written by ``alphaclip vocab`` / ``save_text_embeddings``, read at build. The
+            embeddings are a buffer of the detector's state dict, so a checkpoint's own vocabulary replaces
+            the file's when it is loaded. If the file is missing, the buffer waits (zeros) and is computed
+            with ``clip`` and written to the file only when first needed: at ``init_weights``, the first
+            forward or :meth:`compute_embeddings`, and only if no state dict loaded it meanwhile, so a
+            detector loaded from its checkpoint never builds the CLIP. (A ``clip`` whose embedding size only
+            its weights tell, a bare checkpoint path, is loaded at build as before.)
         class_names, clip, templates: what to compute that file from.
         logit_scale: inverse temperature of the cosine logits.
     """
@@ -108,7 +134,13 @@ class ZeroShotClassifier(nn.Module):
         logit_scale: float = 50.0,
     ):
         super().__init__()
-        emb, labels = cached_text_embeddings(text_embeddings, class_names, clip, templates)
+        dim = None if Path(text_embeddings).exists() or class_names is None else _text_embed_dim(clip)
+        self._pending: Optional[tuple] = None  # what compute_embeddings computes the buffer from
+        if dim is None:
+            emb, labels = cached_text_embeddings(text_embeddings, class_names, clip, templates)
+        else:
+            emb, labels = torch.zeros(len(class_names), dim), list(class_names)
+            self._pending = (text_embeddings, clip, templates)
         if out_features != len(labels) + 1:
             raise ValueError(f"{text_embeddings} holds {len(labels)} classes but the head has "
                              f"{out_features - 1}; make the head's number of classes agree")
@@ -124,8 +156,38 @@ class ZeroShotClassifier(nn.Module):
             raise ValueError(f"embeddings have dim {embeddings.shape[1]} but the classifier {self.proj.out_features}")
         self.text_embeddings = F.normalize(embeddings.float(), dim=-1).to(self.proj.weight.device)
         self.labels = list(labels)
+        self._pending = None
+
+    def compute_embeddings(self) -> None:
+        """Fill the class embeddings if neither the file nor a loaded state dict gave them: read the file if
+        it appeared since the build, else compute them with the CLIP and write the file."""
+        if self._pending is None:
+            return
+        path, clip, templates = self._pending
+        try:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor, even under inference mode
+                emb, _ = cached_text_embeddings(path, self.labels, clip, templates)
+        except (FileNotFoundError, CheckpointError) as e:
+            raise FileNotFoundError(
+                f"the zero-shot classifier has no class embeddings: {path} does not exist and no checkpoint "
+                f"loaded them, and the CLIP {clip!r} to compute them cannot be loaded ({e}); load the detector's "
+                f"checkpoint, write the file with `alphaclip vocab`, or point the classifier's clip at a CLIP") from e
+        self.set_vocabulary(emb, self.labels)
+
+    def init_weights(self) -> None:
+        """Called by MMEngine before training: the embeddings are computed now, not at the first step."""
+        self.compute_embeddings()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        loaded = state_dict.get(prefix + "text_embeddings")
+        # A state dict saved before they were computed holds the zeros: they still wait.
+        if loaded is not None and loaded.shape == self.text_embeddings.shape and bool(loaded.abs().sum(-1).all()):
+            self._pending = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pending is not None:  # module state, not data: the same on every call after the first
+            self.compute_embeddings()
         x = F.normalize(self.proj(x.flatten(1)), dim=-1)
         weights = torch.cat([self.text_embeddings, F.normalize(self.background, dim=0)[None]])  # [K + 1, D]
         return self.logit_scale * x @ weights.T

@@ -17,11 +17,12 @@ from .data import AlphaDatasetMapper, hold_out_classes, load_alpha_coco_json, re
 from .lr_decay import get_alphaclip_vit_lr_decay_rate, no_weight_decay_overrides  # noqa: E402
 from .meta_arch import AlphaCLIPCheckpointer, AlphaGeneralizedRCNN  # noqa: E402
 from .open_vocab import OpenVocabROIHeads, ZeroShotFastRCNNOutputLayers, set_vocabulary  # noqa: E402
-from .trainer import AlphaCLIPTrainer, get_cfg  # noqa: E402
+from .trainer import AlphaCLIPTrainer, class_subset_dataset, get_cfg  # noqa: E402
 
 __all__ = [
     "AlphaCLIPViTBackbone", "add_alphaclip_config", "build_alphaclip_vit_backbone", "build_alphaclip_vit_sfp_backbone",
     "AlphaDatasetMapper", "AlphaCLIPCheckpointer", "AlphaGeneralizedRCNN", "OpenVocabROIHeads",
     "ZeroShotFastRCNNOutputLayers", "set_vocabulary", "get_alphaclip_vit_lr_decay_rate", "no_weight_decay_overrides",
     "AlphaCLIPTrainer", "get_cfg", "hold_out_classes", "load_alpha_coco_json", "register_alpha_coco_instances",
+    "class_subset_dataset",
 ]

@@ -1,6 +1,9 @@
 """``AlphaCLIPTrainer``: detectron2's ``DefaultTrainer`` with the package's data, optimizer and checkpointer.
 
 * loaders map with :class:`AlphaDatasetMapper`, so ``INPUT.ALPHA_SOURCE`` / ``INPUT.ALPHA_FALLBACK`` apply;
+* with ``MODEL.ALPHACLIP.CLASS_NAMES``, every dataset of ``DATASETS.TRAIN`` / ``DATASETS.TEST`` is read as
+  :func:`class_subset_dataset` of those names: other classes' annotations are dropped, ``category_id`` is the
+  index in ``CLASS_NAMES``, and the COCO evaluator scores those classes under their dataset ids;
 * the training dicts lose the annotations of ``MODEL.ALPHACLIP.NOVEL_CLASSES`` (the test sets keep them);
 * ``SOLVER.OPTIMIZER: "ADAMW"`` builds AdamW with no weight decay on norms, the tower's embeddings and
   ``in_proj_bias`` (``"SGD"``: detectron2's optimizer);
@@ -14,14 +17,15 @@ or run ``python -m alphaclip_plugins.integrations.detectron2.train_net`` (the sa
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import weakref
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import torch
 from detectron2.config import CfgNode
 from detectron2.config import get_cfg as _detectron2_cfg
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator
@@ -38,17 +42,79 @@ def get_cfg() -> CfgNode:
     return add_alphaclip_config(_detectron2_cfg())
 
 
+def _select(dataset_dict: Dict[str, Any], new_ids: Dict[int, int]) -> Dict[str, Any]:
+    """``dataset_dict`` with the annotations of the ``new_ids`` keys only, relabelled to their values."""
+    if "annotations" not in dataset_dict:
+        return dataset_dict
+    annotations = [{**a, "category_id": new_ids[a["category_id"]]} for a in dataset_dict["annotations"]
+                   if a["category_id"] in new_ids]
+    return {**dataset_dict, "annotations": annotations}
+
+
+def class_subset_dataset(name: str, class_names: Sequence[str]) -> str:
+    """The name of a registered dataset that is dataset ``name`` restricted to ``class_names``, in their order.
+
+    Its dicts keep every image but only the annotations of ``class_names``, whose ``category_id`` becomes the
+    index in ``class_names``. Its metadata agrees: ``thing_classes`` is ``class_names``,
+    ``thing_dataset_id_to_contiguous_id`` maps the original dataset ids to those indices (so COCO results keep
+    the dataset's ids), and it has no ``json_file``, so ``COCOEvaluator`` converts the derived dicts and its
+    ground truth and AP table hold exactly these classes. The derived name is registered once per process.
+
+    Returns:
+        ``name`` itself when its ``thing_classes`` already are ``class_names``, else
+        ``"<name>_alphaclip_<K>cls_<hash>"``.
+
+    Raises:
+        ValueError: a name of ``class_names`` that the dataset does not have, or a repeated name.
+    """
+    class_names = list(class_names)
+    if not MetadataCatalog.get(name).get("thing_classes"):
+        DatasetCatalog.get(name)  # register_coco_instances sets thing_classes when it first loads the json
+    meta = MetadataCatalog.get(name)
+    classes = list(meta.get("thing_classes") or [])
+    if classes == class_names:
+        return name
+    missing = [c for c in class_names if c not in classes]
+    if missing or len(set(class_names)) != len(class_names):
+        what = f"{missing} are not classes of" if missing else "repeat names; each must name one class of"
+        raise ValueError(f"MODEL.ALPHACLIP.CLASS_NAMES {what} dataset {name!r}, whose thing_classes are {classes}; "
+                         f"fix CLASS_NAMES or pick datasets that have these classes")
+    digest = hashlib.sha1("\n".join(class_names).encode()).hexdigest()[:8]
+    derived = f"{name}_alphaclip_{len(class_names)}cls_{digest}"
+    if derived in DatasetCatalog:
+        return derived
+    new_ids = {classes.index(c): k for k, c in enumerate(class_names)}  # the dataset's contiguous id -> ours
+    DatasetCatalog.register(derived, lambda: [_select(d, new_ids) for d in DatasetCatalog.get(name)])
+    fields = {k: v for k, v in meta.as_dict().items() if k not in (
+        "name", "json_file", "thing_classes", "thing_colors", "thing_dataset_id_to_contiguous_id")}
+    if meta.get("thing_dataset_id_to_contiguous_id"):
+        dataset_id = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
+        fields["thing_dataset_id_to_contiguous_id"] = {dataset_id[old]: new for old, new in new_ids.items()}
+    if meta.get("thing_colors"):
+        fields["thing_colors"] = [meta.thing_colors[classes.index(c)] for c in class_names]
+    MetadataCatalog.get(derived).set(thing_classes=class_names, **fields)
+    return derived
+
+
+def config_datasets(cfg: CfgNode, names: Sequence[str]) -> List[str]:
+    """``names`` (``DATASETS.TRAIN`` or ``.TEST``) as the model sees them: their :func:`class_subset_dataset`
+    of ``MODEL.ALPHACLIP.CLASS_NAMES`` when the config names classes, else unchanged."""
+    class_names = list(cfg.MODEL.ALPHACLIP.CLASS_NAMES)
+    return [class_subset_dataset(n, class_names) for n in names] if class_names else list(names)
+
+
 def train_dataset_dicts(cfg: CfgNode) -> List[Dict[str, Any]]:
-    """The dicts of ``DATASETS.TRAIN`` as detectron2's train loader reads them, without the annotations of
-    ``MODEL.ALPHACLIP.NOVEL_CLASSES`` (names of the first dataset's ``thing_classes``)."""
+    """The dicts of ``DATASETS.TRAIN`` as detectron2's train loader reads them (restricted to
+    ``MODEL.ALPHACLIP.CLASS_NAMES`` when set), without the annotations of ``MODEL.ALPHACLIP.NOVEL_CLASSES``."""
+    names = config_datasets(cfg, cfg.DATASETS.TRAIN)
     dicts = get_detection_dataset_dicts(
-        cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        names, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
         min_keypoints=cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0,
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
     novel = list(cfg.MODEL.ALPHACLIP.NOVEL_CLASSES)
     if novel:
-        classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes
+        classes = MetadataCatalog.get(names[0]).thing_classes
         dicts = hold_out_classes(dicts, classes, novel, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
     return dicts
 
@@ -70,7 +136,20 @@ class AlphaCLIPTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        (dataset_name,) = config_datasets(cfg, [dataset_name])
         return build_detection_test_loader(cfg, dataset_name, mapper=AlphaDatasetMapper(cfg, False))
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model: torch.nn.Module, evaluators=None):
+        """``DefaultTrainer.test`` on the datasets of :func:`config_datasets`, so that a subclass's own
+        ``build_evaluator`` (``tools/train_net.py``'s) also gets the class-restricted names."""
+        names = config_datasets(cfg, cfg.DATASETS.TEST)
+        if names != list(cfg.DATASETS.TEST):
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.DATASETS.TEST = tuple(names)
+            cfg.freeze()
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -88,4 +167,5 @@ class AlphaCLIPTrainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str = None):
+        (dataset_name,) = config_datasets(cfg, [dataset_name])
         return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
