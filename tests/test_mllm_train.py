@@ -170,6 +170,7 @@ def _logits(model, batch):
 
 
 def test_lora_stage2_export_round_trips_merged(llava_dir):
+    import_or_skip("peft")
     over = {"model.train_lm": "lora", "model.lora_rank": 4, "model.train_tower": "alpha", "steps": 3,
             "optim.lr": 1e-2}
     final = _train(llava_dir, "lora", **over)
@@ -283,8 +284,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(llava_dir):
         model, _, collator, _ = build(cfg, torch.device("cpu"))
         dataset = ConversationDataset.from_file(llava_dir / "train.jsonl")
         batch = collator([dataset[i] for i in range(3)])
-        model.train()(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")},
-                      use_cache=False).loss.backward()
+        model.train()(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     used = {n for n, g in grads[0].items() if g is not None}  # LLaVA reads the tower's second-to-last layer
     assert used == {n for n, g in grads[1].items() if g is not None}

@@ -99,7 +99,7 @@ def _train(cfg: MLLMTrainConfig, env: DistEnv, overwrite: bool) -> Path:
 
         log = step % cfg.log_every == 0 or step == cfg.steps
         scalars = {"loss": _all_sum(env, float(loss_sum)) / tokens, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens": tokens} if log else {}
+                   "tokens": int(tokens)} if log else {}
         monitor.step(step, cfg.batch_size, scalars, log)
         if due(step, cfg.save_every, cfg.steps):
             log_skipped(env, monitor, health)
@@ -117,7 +117,7 @@ def label_tokens(batch: Dict[str, Any]) -> int:
 def token_loss_sum(model: nn.Module, batch: Dict[str, Any], device: torch.device) -> torch.Tensor:
     """The cross-entropy summed over a micro-batch's label tokens (the model's mean times their number)."""
     inputs = {k: batch[k].to(device, non_blocking=True) for k in _MODEL_KEYS}
-    out = model(**inputs, use_cache=False)
+    out = model(**inputs)
     return out.loss.float() * label_tokens(batch)
 
 
