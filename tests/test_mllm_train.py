@@ -300,6 +300,11 @@ def test_config_errors_are_one_clear_line(llava_dir, capsys):
     assert "\n" not in err and "unknown config keys ['lrr']" in err
     assert main([f"model.path={llava_dir / 'model'}", "model.train_projector=false"]) == 2
     assert "nothing would train" in capsys.readouterr().err
+    assert main([f"model.path={llava_dir}", f"data.train={llava_dir / 'train.jsonl'}",
+                 f"output_dir={llava_dir / 'no_model'}"]) == 2  # a folder without config.json
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "has no config.json" in err
+    assert not (llava_dir / "no_model").exists()  # refused before output_dir was taken
     user = llava_dir / "mine"
     user.mkdir(exist_ok=True)
     with pytest.raises(RunDirError, match="was not written by this run"):

@@ -25,7 +25,8 @@ from .loader import DataHealth, DataState
 from .mllm_config import MLLMTrainConfig
 from .mllm_export import check_export_target, export_model
 from .mllm_loader import make_loader
-from .mllm_model import build_collator, build_optimizer, load_model, load_trainable, prepare_model, trainable_state
+from .mllm_model import (build_collator, build_optimizer, load_model, load_trainable, model_kind, prepare_model,
+                         trainable_state)
 from .monitor import Monitor, count_skips, due, finish, log_skipped
 from .optim import autocast, clip_grads, lr_factor, set_lr
 from .rundir import claim_output
@@ -143,6 +144,7 @@ def _prepare(cfg: MLLMTrainConfig, env: DistEnv, overwrite: bool) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
+    model_kind(str(cfg.model.path))  # an unusable model directory fails before output_dir is taken
     check_export_target(cfg, overwrite)
     claim_output(env, out, cfg.to_dict(), cfg.resume, overwrite)
     return out
