@@ -325,3 +325,12 @@ def test_fsdp_two_processes_equal_one(llava_dir):
     start = read_state_dict(llava_dir / "model" / "model.safetensors")
     assert any("language_model" in k and not torch.equal(one[k], start[k]) for k in one)
     assert max((one[k] - fsdp[k]).abs().max() for k in one) < TOL
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs" / "mllm").glob("*.yaml")))
+def test_recipes_read_and_say_what_trains(recipe):
+    cfg = load_config(ROOT / "configs" / "mllm" / recipe, ["model.path=some-model"], MLLMTrainConfig)
+    m = cfg.model
+    expected = {"llava_stage1.yaml": (True, "none", "none"), "llava_stage2_full.yaml": (True, "full", "none"),
+                "llava_stage2_lora.yaml": (True, "lora", "alpha"), "blip2_qformer.yaml": (True, "none", "none")}
+    assert (m.train_projector, m.train_lm, m.train_tower) == expected[recipe]
