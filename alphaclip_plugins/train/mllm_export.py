@@ -1,0 +1,120 @@
+"""The end of a ``train-mllm`` run: an HF directory of the fine-tuned model, LoRA merged, processor beside it.
+
+The directory (``export.dir``, default ``<output_dir>/final``) loads with
+``LlavaForConditionalGeneration.from_pretrained`` (after ``import alphaclip_plugins.integrations.hf``, which
+registers the Alpha tower) or ``AlphaBlip2ForConditionalGeneration.from_pretrained``; the tokenizer and the
+4-channel processor are saved in it. It is written under a temporary name and renamed into place, so a
+killed export leaves no half directory. A directory that this run did not write (no marker naming this
+run's ``output_dir``) is never replaced without ``--overwrite``; the check runs before training starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from .distributed import DistEnv, barrier
+from .optim import DTYPES
+from .rundir import RunDirError
+
+MARKER = ".alphaclip-train-mllm.json"  # in an export: which run wrote it
+
+
+def export_dir(cfg: Any) -> Path:
+    return Path(cfg.export.dir) if cfg.export.dir else Path(cfg.output_dir) / "final"
+
+
+def original_dir(cfg: Any) -> Path:
+    """Where ``export.original_llava`` writes: beside the export, named so that LLaVA's loader sees "llava"."""
+    target = export_dir(cfg)
+    return target.parent / f"{target.name}-llava"
+
+
+def mark(folder: Path, cfg: Any) -> None:
+    """Note in an export that this run (its ``output_dir``) wrote it: a later run of it may replace it."""
+    (folder / MARKER).write_text(json.dumps({"output_dir": str(Path(cfg.output_dir).resolve())}))
+
+
+def _written_by_this_run(target: Path, cfg: Any) -> bool:
+    try:
+        marker = json.loads((target / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("output_dir") == str(Path(cfg.output_dir).resolve())
+
+
+def check_export_target(cfg: Any, overwrite: bool) -> None:
+    """Refuse, before training, an ``export.dir`` that exists and was not written by this run.
+
+    Raises:
+        RunDirError: the directory exists, is not this run's earlier export, and ``overwrite`` is off.
+    """
+    targets = [export_dir(cfg)] + ([original_dir(cfg)] if cfg.export.original_llava else [])
+    for target in targets:
+        if target.exists() and not overwrite and not _written_by_this_run(target, cfg):
+            raise RunDirError(f"{target} exists and was not written by this run; pass --overwrite to replace it or "
+                              f"set export.dir to a new directory")
+
+
+def _merged(model: nn.Module) -> nn.Module:
+    """The HF model with LoRA adapters folded into its weights (the model itself when it has none)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    """``write(folder)`` into a temporary folder beside ``target``, then swap it into place (replacing ``target``)."""
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        trash = target.parent / f".trash-{target.name}-{os.getpid()}"
+        os.replace(target, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def save_export(model: nn.Module, processor: Sequence[Any], target: Path, cfg: Any) -> Path:
+    """Write ``model`` (LoRA merged, in ``export.dtype``) and its processor parts to ``target`` atomically."""
+    hf = _merged(model).to(DTYPES[cfg.export.dtype])
+    hf.config.text_config.use_cache = True  # training turned it off
+
+    def write(folder: Path) -> None:
+        hf.save_pretrained(folder)
+        for part in processor:
+            part.save_pretrained(folder)
+        mark(folder, cfg)
+
+    write_atomically(target, write)
+    return hf
+
+
+def export_model(cfg: Any, env: DistEnv, model: nn.Module, kind: str, processor: Sequence[Any], fsdp: bool,
+                 overwrite: bool) -> Path:
+    """Export the trained model (rank 0 writes; under FSDP the trainable weights are gathered first)."""
+    target = export_dir(cfg)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if env.main:
+            from .mllm_model import load_model, load_trainable, prepare_model
+
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            fresh = prepare_model(*load_model(cfg.model), cfg.model)
+            load_trainable(fresh, {n: v for n, v in full.items() if n in trainable})
+            model = fresh
+    if env.main:
+        model = model.to("cpu")
+        hf = save_export(model, processor, target, cfg)
+        if cfg.export.original_llava and kind == "llava":
+            from .mllm_original import save_original_llava
+
+            save_original_llava(hf, processor[0].tokenizer, original_dir(cfg), lambda folder: mark(folder, cfg))
+    barrier(env)
+    return target
