@@ -273,4 +273,4 @@ def _describe(e: Exception) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,7 +2,7 @@
 # Cached virtual environments for testing the Hugging Face integration on older transformers releases.
 #
 #   bash scripts/hf_venvs.sh NAME   -> builds the venv NAME once (cached), prints its python
-#   bash scripts/hf_venvs.sh test   -> builds both and runs tests/test_hf*.py in each (scripts/test.sh does)
+#   bash scripts/hf_venvs.sh test   -> builds both and runs tests/test_hf*.py and tests/test_mllm_train*.py in each (scripts/test.sh does)
 #
 # NAME is one of:
 #   tf-4.37.2   transformers 4.37.2 / tokenizers 0.15.1 (LLaVA's pins), plus the original LLaVA code base
@@ -21,12 +21,12 @@ if [ "$NAME" = test ]; then
   # transformers 5.x is the main venv's: the main test run covers it.
   failed=0
   for venv in tf-4.37.2 tf-4.57.6; do
-    echo "== tests/test_hf*.py on $venv"
+    echo "== tests/test_hf*.py tests/test_mllm_train*.py on $venv"
     start=$SECONDS
     py=$(bash "$0" "$venv")
     echo "   venv ready in $((SECONDS - start)) s"
     start=$SECONDS
-    (cd "$ROOT" && PYTHONPATH="$ROOT" "$py" -m pytest -q -p no:cacheprovider tests/test_hf*.py) || failed=1
+    (cd "$ROOT" && PYTHONPATH="$ROOT" "$py" -m pytest -q -p no:cacheprovider tests/test_hf*.py tests/test_mllm_train*.py) || failed=1
     echo "   tests ran in $((SECONDS - start)) s"
   done
   exit "$failed"
