@@ -1,4 +1,5 @@
-"""The ``alphaclip`` command: classify regions, convert checkpoints, inspect files, write vocabularies, train."""
+"""The ``alphaclip`` command: classify regions, convert checkpoints, inspect files, write vocabularies, train;
+ask a region-aware LLaVA about regions and score one (``ask``, ``eval-mllm``)."""
 from __future__ import annotations
 
 import argparse
@@ -185,6 +186,13 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"{k:<16} {v}")
 
 
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars around a command's one line of output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def cmd_ask(args: argparse.Namespace) -> None:
     from .core.images import open_image, open_mask
 
@@ -198,6 +206,7 @@ def cmd_ask(args: argparse.Namespace) -> None:
     from .integrations.hf.ask import ask, load_llava, region_masks
 
     region_masks(image, regions)  # a region that does not fit the image fails before the model loads
+    _quiet_transformers()
     model, processor = load_llava(args.model)
     answers = ask(model, processor, image, regions, args.question, args.max_new_tokens)
     if args.json:
@@ -215,6 +224,7 @@ def cmd_eval_mllm(args: argparse.Namespace) -> None:
 
     if not Path(args.data).is_file():
         fail(f"{args.data} is not a file; pass a conversation file (.jsonl or .json, see docs/mllm.md)", 2)
+    _quiet_transformers()
     report = evaluate_dir(args.model, args.data, image_root=args.image_root, limit=args.limit,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                           java=False if args.no_java else None)

@@ -63,7 +63,7 @@ def region_masks(image: Any, regions: Sequence[Region]) -> List[Optional[Any]]:
     for k, region in enumerate(regions):
         mask = region_mask(region, image.height, image.width)
         if mask is not None and not mask.any():
-            raise ValueError(f"region {k} covers no pixel of the {image.width}x{image.height} image; "
+            raise ValueError(f"region {k} is empty: it covers no pixel of the {image.width}x{image.height} image; "
                              f"give a region with pixels inside")
         masks.append(mask)
     return masks
