@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune Alpha-CLIP: alphaclip train CONFIG.yaml [key=value ...]")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=None)
+
+    p = sub.add_parser("train-mllm", help="fine-tune a region-aware LLaVA / BLIP-2: alphaclip train-mllm CONFIG.yaml")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=None)
     return parser
 
 
@@ -312,6 +316,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         from .train.cli import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["train-mllm"]:
+        from .train.mllm_cli import main as train_mllm_main
+
+        return train_mllm_main(argv[1:])
     debug = "--debug" in argv  # accepted anywhere on the line
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:

@@ -118,6 +118,18 @@ def test_only_assistant_tokens_carry_loss(llava, template):
             assert tok.decode(ids[run[:-1]]) == answer and ids[run[-1]] == EOS  # the answer, then its end of turn
         assert (ids == IMAGE_TOKEN).sum() == IMAGE_TOKENS
         assert not (ids == tok.unk_token_id).any()  # every prompt word is in the vocabulary: the template was used
+        # Independently of the offsets: every token after an assistant marker up to its </s> is labelled, and
+        # nothing else (no marker, no question, no padding).
+        marker = tok.convert_tokens_to_ids("assistant:" if template == "chat" else "ASSISTANT:")
+        expected, inside = torch.full_like(ids, IGNORE_INDEX), False
+        for i, t in enumerate(ids.tolist()):
+            if inside:
+                expected[i] = t
+                inside = t != EOS
+            elif t == marker:
+                inside = True
+        assert torch.equal(labels, expected)
+        assert (ids == marker).sum() == len(answers)
     short = batch["attention_mask"][1]  # right padding: the shorter sample ends with padding, not in the loss
     n = int(short.sum())
     assert short[:n].all() and not short[n:].any() and n < batch["input_ids"].shape[1]

@@ -19,12 +19,15 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..core.io import atomic_write, read_state_dict, save_safetensors
+from .data import DataError
+from .distributed import DistEnv, all_gather_objects, barrier, broadcast_object
+from .loader import DataHealth, DataState
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -136,6 +139,91 @@ class Checkpointer:
                     raise
                 warnings.warn(f"skipping unreadable checkpoint {folder}: {type(e).__name__}: {e}")
         return None
+
+
+def full_state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> Tuple[Dict, Dict]:
+    """The model's and optimizer's whole state dicts (gathered to CPU from every rank under FSDP)."""
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_fsdp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: Dict[str, Any],
+                    optim_sd: Dict[str, Any], strict: bool = True) -> None:
+    """Put whole (unsharded) state dicts back into an FSDP-sharded model and its optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def save_run(env: DistEnv, ckpt: Checkpointer, step: int, model_sd: Dict[str, torch.Tensor], optim_sd: Dict[str, Any],
+             scaler: Any, data: DataState, health: DataHealth, config: Dict[str, Any]) -> None:
+    """Save a run's checkpoint: every rank contributes its data position, RNG state and data health; rank 0 writes."""
+    ranks = all_gather_objects(env, {"data": data.state_dict(), "rng": rng_state(), "health": health.state_dict()})
+    if env.main:
+        state = {"scaler": scaler.state_dict(), "ranks": ranks, "world_size": env.world_size,
+                 "health": health.state_dict(), "config": config}
+        ckpt.write(step, model_sd, optim_sd, state)
+    barrier(env)
+
+
+def read_run(env: DistEnv, ckpt: Checkpointer, resume: Union[bool, str]):
+    """The checkpoint a run continues from (``resume``: auto / true = the latest, false = none, or a folder):
+    ``(folder, model, optimizer, state)`` on every rank (rank 0 picks it), or None."""
+    if resume is False:
+        return None
+    path = None if resume in (True, "auto") else Path(str(resume))
+    found = ckpt.read_latest(path) if env.main else None
+    folder = broadcast_object(env, found[0] if found else None)
+    if folder is None:
+        return None
+    return found if env.main else (folder, *ckpt.read(folder))
+
+
+def restore_run(env: DistEnv, folder: Path, state: Dict[str, Any], scaler: Any, health: DataHealth,
+                same_world: bool = False) -> Tuple[int, DataState]:
+    """Put a checkpoint's scaler, RNG and data health back; returns its step and this rank's data position.
+
+    Args:
+        same_world: the data position depends on the number of processes (tar shards): refuse another one.
+    """
+    scaler.load_state_dict(state["scaler"])
+    ranks = state["ranks"]
+    if state["world_size"] != env.world_size:
+        if same_world:
+            raise DataError(f"{folder} was written by {state['world_size']} processes; resume tar-shard training "
+                            f"with the same number (the shard split depends on it)")
+        ranks = [ranks[0]] * env.world_size  # map-style positions are global: any world size continues them
+    set_rng_state(ranks[env.rank]["rng"])
+    health.load_state_dict(_rank_health(state, env))
+    return int(state["step"]), DataState.from_state(ranks[env.rank]["data"])
+
+
+def resume_run(env: DistEnv, ckpt: Checkpointer, resume: Union[bool, str], max_bad_fraction: float, scaler: Any,
+               load: Callable[[Dict[str, Any], Dict[str, Any]], None],
+               same_world: bool = False) -> Tuple[int, DataState, DataHealth]:
+    """Continue from the checkpoint ``resume`` names (see :func:`read_run`): ``load(model_sd, optim_sd)`` puts
+    the weights and optimizer back, then the scaler, RNG and data health; returns ``(step, data, health)``
+    (step 0 and fresh state where there is no checkpoint)."""
+    health = DataHealth(max_bad_fraction)
+    found = read_run(env, ckpt, resume)
+    if found is None:
+        return 0, DataState(), health
+    folder, model_sd, optim_sd, state = found
+    load(model_sd, optim_sd)
+    step, data = restore_run(env, folder, state, scaler, health, same_world)
+    return step, data, health
+
+
+def _rank_health(state: Dict[str, Any], env: DistEnv) -> Dict[str, Any]:
+    """This rank's saved data health; after a change of world size rank 0 carries every old rank's counts."""
+    saved = [r["health"] for r in state["ranks"] if "health" in r] or [state["health"]]
+    if len(saved) == env.world_size:
+        return saved[env.rank]
+    return DataHealth.merged(saved if env.main else [], 0.0).state_dict()
 
 
 def _fsync_dir(path: Path) -> None:

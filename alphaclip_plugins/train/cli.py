@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "alphaclip train", what: str = "Alpha-CLIP") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="alphaclip train",
-        description="Fine-tune Alpha-CLIP from a YAML config; key=value arguments override its fields "
+        prog=prog,
+        description=f"Fine-tune {what} from a YAML config; key=value arguments override its fields "
                     "(dotted keys, e.g. optim.lr=1e-3 data.train=shards/).",
     )
     p.add_argument("config", nargs="?", help="YAML config file (omit to start from the defaults)")
@@ -29,16 +29,30 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``alphaclip train``. ``argv`` excludes the ``train`` word; returns an exit code."""
-    args = _parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))  # flags anywhere
+    from .config import TrainConfig
+
+    def train(cfg: Any, overwrite: bool) -> Any:
+        from .trainer import train as run
+
+        return run(cfg, overwrite=overwrite)
+
+    return run_cli(argv, "alphaclip train", "Alpha-CLIP", TrainConfig, train)
+
+
+def run_cli(argv: Optional[Sequence[str]], prog: str, what: str, config_class: type,
+            train: Callable[[Any, bool], Any]) -> int:
+    """Parse ``CONFIG [key=value ...] [--print-config] [--overwrite]``, then ``train(cfg, overwrite)``;
+    every error is one line on stderr (exit 2 for config and run-folder errors, 1 for data errors)."""
+    args = _parser(prog, what).parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))  # flags anywhere
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config] + overrides  # only overrides were given
     from .config import load_config
 
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, config_class)
     except (ValueError, FileNotFoundError) as e:
-        print(f"alphaclip train: bad config: {e}", file=sys.stderr)
+        print(f"{prog}: bad config: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if args.print_config:
         import yaml
@@ -47,15 +61,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     from .data import DataError
     from .rundir import RunDirError
-    from .trainer import train
 
     try:
-        target = train(cfg, overwrite=args.overwrite)
+        target = train(cfg, args.overwrite)
     except RunDirError as e:
-        print(f"alphaclip train: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except DataError as e:
-        print(f"alphaclip train: data error: {e}", file=sys.stderr)
+        print(f"{prog}: data error: {e}", file=sys.stderr)
         return 1
     print(f"model written to {target}")
     return 0

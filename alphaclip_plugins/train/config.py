@@ -108,10 +108,7 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar on rank 0
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "accum_steps"):
-            value = getattr(self, key)
-            if isinstance(value, int) and value < 1:
-                raise ValueError(f"{key} must be at least 1; got {value}")
+        check_counts(self)
         if isinstance(self.model, ModelConfig) and isinstance(self.model.overrides, dict):
             from ..core.config import check_override_keys
 
@@ -132,6 +129,14 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_counts(cfg: Any) -> None:
+    """``steps``, ``batch_size`` and ``accum_steps`` of a run config are at least 1."""
+    for key in ("steps", "batch_size", "accum_steps"):
+        value = getattr(cfg, key)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{key} must be at least 1; got {value}")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -201,8 +206,12 @@ def _set_dotted(tree: Dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (),
+                config_class: Optional[type] = None) -> Any:
     """Read a YAML config (optional) and apply ``key=value`` overrides (dotted keys, YAML values).
+
+    Args:
+        config_class: the dataclass to build (default :class:`TrainConfig`; ``MLLMTrainConfig`` for MLLMs).
 
     Raises:
         ValueError: unknown keys, values of the wrong type, or an override without ``=``.
@@ -219,7 +228,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str
         if not sep or not key:
             raise ValueError(f"override {item!r} is not key=value (e.g. optim.lr=1e-3)")
         _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return build(TrainConfig, tree)
+    return build(config_class or TrainConfig, tree)
 
 
 def config_from_dict(d: Mapping[str, Any]) -> TrainConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -124,25 +124,29 @@ def average_grads(env: DistEnv, params: List[nn.Parameter]) -> None:
             p.grad /= env.world_size
 
 
-def wrap(module: nn.Module, env: DistEnv, strategy: str = "ddp") -> nn.Module:
+def wrap(module: nn.Module, env: DistEnv, strategy: str = "ddp", find_unused: bool = False,
+         blocks: Optional[Callable[[nn.Module], bool]] = None) -> nn.Module:
     """Wrap the trainable module for data parallelism (unchanged in a single process).
 
-    ``ddp``: replicas with gradients averaged in buckets. ``fsdp``: every residual block and the module
-    itself are sharded across ranks (FSDP2 ``fully_shard``), for towers that do not fit one device.
+    ``ddp``: replicas with gradients averaged in buckets (``find_unused``: some trainable parameters may get
+    no gradient in a step). ``fsdp``: every residual block (``blocks`` tells which modules are blocks) with a
+    trainable parameter and the module itself are sharded across ranks (FSDP2 ``fully_shard``), for models
+    that do not fit one device.
     """
     if not env.distributed:
         return module
     if strategy == "ddp":
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         from ..core.transformer import ResidualAttentionBlock
 
+        is_block = blocks or (lambda m: isinstance(m, ResidualAttentionBlock))
         mesh = init_device_mesh(env.device.type, (env.world_size,))
-        for block in [m for m in module.modules() if isinstance(m, ResidualAttentionBlock)]:
+        for block in [m for m in module.modules() if is_block(m)]:
             if any(p.requires_grad for p in block.parameters()):
                 fully_shard(block, mesh=mesh)
         fully_shard(module, mesh=mesh)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..core.io import atomic_write
+from .data import DataError
+from .distributed import DistEnv, all_gather_objects
 
 
 def read_rows(path: Path) -> List[Dict[str, Any]]:
@@ -128,3 +130,32 @@ class Monitor:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def due(step: int, every: int, total: int) -> bool:
+    """Whether a thing done every ``every`` steps (0: only at the end) is due after ``step`` of ``total``."""
+    return step == total or (every > 0 and step % every == 0)
+
+
+def count_skips(health: Any, batch: Dict[str, Any], monitor: Monitor, step: int) -> None:
+    """Count a micro-batch's skipped samples in a ``DataHealth``; a run that stops on them lists them (this
+    process's) first."""
+    try:
+        health.update(batch, step)
+    except DataError:
+        monitor.skipped(health.take_pending())
+        raise
+
+
+def log_skipped(env: DistEnv, monitor: Monitor, health: Any) -> None:
+    """Every rank's samples skipped since the last call go to ``skipped.jsonl`` (before each checkpoint)."""
+    gathered = [item for items in all_gather_objects(env, health.take_pending()) for item in items]
+    monitor.skipped(sorted(gathered, key=lambda item: item[0]))  # in step order, rank order within a step
+
+
+def finish(env: DistEnv, monitor: Monitor, health: Any, step: int, listing: Path) -> None:
+    """End a run's reports: the last skipped samples, one line on every rank's data health, close the logs."""
+    log_skipped(env, monitor, health)
+    merged = type(health).merged(all_gather_objects(env, health.state_dict()), health.max_bad_fraction)
+    monitor.message(f"done: {step} steps; {merged.summary(listing)}")
+    monitor.close()

@@ -1,8 +1,8 @@
-"""AdamW with Alpha-CLIP's learning-rate groups, and the warmup + cosine schedule."""
+"""AdamW with Alpha-CLIP's learning-rate groups, the warmup + cosine schedule, gradient clipping and autocast."""
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -63,3 +63,19 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
         g["lr"] = g["base_lr"] * factor
     first = next((g for g in optimizer.param_groups if g.get("name") == "alpha"), optimizer.param_groups[0])
     return float(first["lr"])
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device_type: str, precision: str):
+    """The autocast context of a run's ``precision`` (disabled for fp32)."""
+    dtype = DTYPES[precision] if precision != "fp32" else None
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
+
+def clip_grads(params: List[nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
+    """Clip the global gradient norm to ``max_norm`` (None: only measure it); returns the norm before clipping."""
+    if max_norm is None:
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -12,7 +12,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+
+from ..core.io import write_json
+from .checkpointing import Checkpointer
+from .distributed import DistEnv, barrier, broadcast_object
 
 RUN_FILES = ("config.json", "checkpoints", "metrics.jsonl", "skipped.jsonl", "tensorboard")
 # Settings that change neither the trained weights nor what is measured: a resume may change them freely.
@@ -89,3 +93,21 @@ def clear_run(out: Path) -> None:
         trash = out / f".trash-{name}-{os.getpid()}"
         os.replace(out / name, trash)
         shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+
+
+def claim_output(env: DistEnv, out: Path, config: Mapping[str, Any], resume: Union[bool, str], overwrite: bool,
+                 setup: Optional[Callable[[], None]] = None) -> None:
+    """Take ``out`` for this run: check it may (every rank raises the same :class:`RunDirError`), then on rank 0
+    start over there with ``overwrite``, run ``setup`` (e.g. write synthetic data), write ``config.json`` and
+    remove what a killed checkpoint write left; the other ranks wait."""
+    problem = broadcast_object(env, check_reuse(out, config, resume, overwrite) if env.main else None)
+    if problem:
+        raise RunDirError(problem)
+    if env.main:
+        if overwrite:
+            clear_run(out)
+        if setup is not None:
+            setup()
+        write_json(dict(config), out / "config.json")
+        Checkpointer(out / "checkpoints").clean_partial()
+    barrier(env)

@@ -93,18 +93,25 @@ class MapStream(IterableDataset):
             rng = np.random.default_rng([self.seed, position, attempt])
             rec = self.records[index]
             try:
-                return (*self.decoder(rec, whole=bool(rng.random() < self.whole_image_ratio)), rec.name or rec.image)
+                return self.decode(rec, rng)
             except SampleError as e:
                 bad.append((rec.name or rec.image, str(e)))
                 index = int(rng.integers(len(self.records)))
         raise DataError(f"{_MAX_CONSECUTIVE_BAD} samples in a row could not be read; last: {bad[-1]}")
+
+    def decode(self, rec: Any, rng: np.random.Generator) -> Any:
+        """One record -> a decoded sample (raises SampleError); a subclass may decode other records."""
+        return (*self.decoder(rec, whole=bool(rng.random() < self.whole_image_ratio)), rec.name or rec.image)
+
+    def collate(self, samples: List[Any], bad: List[Tuple[str, str]], k: int) -> Dict[str, Any]:
+        return collate(samples, bad, index=k)
 
     def batch(self, k: int) -> Dict[str, Any]:
         """Micro-batch ``k`` of this rank: global positions ``k*G + rank*B + [0, B)``."""
         first = k * self.batch_size * self.world_size + self.rank * self.batch_size
         bad: List[Tuple[str, str]] = []
         samples = [self.sample(p, bad) for p in range(first, first + self.batch_size)]
-        return collate(samples, bad, index=k)
+        return self.collate(samples, bad, k)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         w, workers = _worker()

@@ -8,31 +8,25 @@ several GPUs, ``torchrun --nproc_per_node 8 -m alphaclip_plugins.train CONFIG.ya
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..core.checkpoint import save_official
 from ..core.factory import save_pretrained, tokenize
-from ..core.io import write_json
 from ..core.model import AlphaCLIP
 from ..core.processor import RegionProcessor
-from .checkpointing import Checkpointer, rng_state, set_rng_state
+from .checkpointing import Checkpointer, full_state_dicts, load_fsdp_state, resume_run, save_run
 from .config import TrainConfig
-from .data import DataError
-from .distributed import (DistEnv, all_gather_objects, average_grads, barrier, broadcast_object, cleanup, is_fsdp,
-                          no_grad_sync, setup, wrap)
+from .distributed import DistEnv, average_grads, barrier, cleanup, is_fsdp, no_grad_sync, setup, wrap
 from .evaluate import decode_all, retrieval_top1
 from .loader import DataHealth, DataState, data_format, ensure_synthetic, eval_records, make_loader
 from .loss import ContrastiveLoss
 from .modeling import Encoder, TextFeatureCache, build_model, distinct, merge_lora
-from .monitor import Monitor
-from .optim import build_optimizer, lr_factor, set_lr
-from .rundir import RunDirError, check_reuse, clear_run
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
+from .monitor import Monitor, count_skips, due, finish, log_skipped
+from .optim import DTYPES, autocast, build_optimizer, clip_grads, lr_factor, set_lr
+from .rundir import claim_output
 
 def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
     """Train (or resume) a run described by ``cfg``; returns the folder of the exported model.
@@ -79,16 +73,16 @@ def _train(cfg: TrainConfig, env: DistEnv, overwrite: bool) -> Path:
         for i in range(cfg.accum_steps):
             batch = next(batches)
             data.advance(batch)
-            _count_skips(health, batch, monitor, step + 1)
+            count_skips(health, batch, monitor, step + 1)
             with no_grad_sync(engine, skip=i < cfg.accum_steps - 1):
-                with _autocast(env.device.type, cfg.precision):
+                with autocast(env.device.type, cfg.precision):
                     image_features, text_features = _forward(engine, texts, batch, env.device)
                     loss = loss_fn(image_features, text_features, model.logit_scale.exp())
                 scaler.scale(loss / cfg.accum_steps).backward()
             loss_sum += loss.detach() / cfg.accum_steps
         average_grads(env, unowned)
         scaler.unscale_(optimizer)
-        grad_norm = _clip(trainable, cfg.optim.grad_clip)
+        grad_norm = clip_grads(trainable, cfg.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -100,16 +94,13 @@ def _train(cfg: TrainConfig, env: DistEnv, overwrite: bool) -> Path:
         log = step % cfg.log_every == 0 or step == cfg.steps
         scalars = {"loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm)} if log else {}
         monitor.step(step, cfg.batch_size, scalars, log)
-        if evaluate is not None and _due(step, cfg.eval_every, cfg.steps):
+        if evaluate is not None and due(step, cfg.eval_every, cfg.steps):
             monitor.eval(step, evaluate())
-        if _due(step, cfg.save_every, cfg.steps):
-            _log_skipped(env, monitor, health)
+        if due(step, cfg.save_every, cfg.steps):
+            log_skipped(env, monitor, health)
             _save(cfg, env, ckpt, step, model, optimizer, scaler, data, health, is_fsdp(engine))
 
-    _log_skipped(env, monitor, health)
-    merged = DataHealth.merged(all_gather_objects(env, health.state_dict()), cfg.data.max_bad_fraction)
-    monitor.message(f"done: {step} steps; {merged.summary(out / 'skipped.jsonl')}")
-    monitor.close()
+    finish(env, monitor, health, step, out / "skipped.jsonl")
     return _export(cfg, env, model, out, is_fsdp(engine))
 
 
@@ -124,114 +115,39 @@ def _forward(engine: nn.Module, texts: Optional[TextFeatureCache], batch: Dict[s
     return engine(pixels, alpha, tokenize(unique).to(device), inverse.to(device))
 
 
-def _autocast(device_type: str, precision: str):
-    dtype = _DTYPES[precision] if precision != "fp32" else None
-    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
-
-
-def _clip(params: List[nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
-    if max_norm is None:
-        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-    return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-
-def _due(step: int, every: int, total: int) -> bool:
-    return step == total or (every > 0 and step % every == 0)
-
-
 def _prepare(cfg: TrainConfig, env: DistEnv, overwrite: bool) -> Path:
-    """Check the config and ``output_dir``, write synthetic data and the run's config (rank 0), seed and threads."""
+    """Check the config and ``output_dir`` (see :func:`.rundir.claim_output`), write synthetic data, seed, threads."""
     if cfg.distributed.strategy == "fsdp" and (cfg.model.lora_rank > 0 or cfg.model.train_text):
         raise ValueError("distributed.strategy=fsdp shards the vision tower only: use ddp with LoRA or train_text")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    problem = broadcast_object(env, check_reuse(out, cfg.to_dict(), cfg.resume, overwrite) if env.main else None)
-    if problem:
-        raise RunDirError(problem)
-    if env.main:
-        if overwrite:
-            clear_run(out)
+
+    def write_data() -> None:
         ensure_synthetic(cfg.data.train, cfg.data.synthetic)
         ensure_synthetic(cfg.data.eval, cfg.data.synthetic_eval)
-        write_json(cfg.to_dict(), out / "config.json")
-        Checkpointer(out / "checkpoints").clean_partial()
-    barrier(env)
+
+    claim_output(env, out, cfg.to_dict(), cfg.resume, overwrite, write_data)
     return out
 
 
-def _state_dicts(model: AlphaCLIP, optimizer: torch.optim.Optimizer, fsdp: bool) -> Tuple[Dict, Dict]:
-    if not fsdp:
-        return model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def _count_skips(health: DataHealth, batch: Dict[str, Any], monitor: Monitor, step: int) -> None:
-    """Count a micro-batch's skipped samples; a run that stops on them lists them (this process's) first."""
-    try:
-        health.update(batch, step)
-    except DataError:
-        monitor.skipped(health.take_pending())
-        raise
-
-
-def _log_skipped(env: DistEnv, monitor: Monitor, health: DataHealth) -> None:
-    """Every rank's samples skipped since the last call go to ``skipped.jsonl`` (before each checkpoint)."""
-    gathered = [item for items in all_gather_objects(env, health.take_pending()) for item in items]
-    monitor.skipped(sorted(gathered, key=lambda item: item[0]))  # in step order, rank order within a step
-
-
 def _save(cfg, env, ckpt, step, model, optimizer, scaler, data, health, fsdp) -> None:
-    """Every rank contributes its data position, RNG state and data health; rank 0 writes."""
-    ranks = all_gather_objects(env, {"data": data.state_dict(), "rng": rng_state(), "health": health.state_dict()})
-    model_sd, optim_sd = _state_dicts(model, optimizer, fsdp)
-    if env.main:
-        state = {"scaler": scaler.state_dict(), "ranks": ranks, "world_size": env.world_size,
-                 "health": health.state_dict(), "config": cfg.to_dict()}
-        ckpt.write(step, model_sd, optim_sd, state)
-    barrier(env)
+    model_sd, optim_sd = full_state_dicts(model, optimizer, fsdp)
+    save_run(env, ckpt, step, model_sd, optim_sd, scaler, data, health, cfg.to_dict())
 
 
 def _resume(cfg, env, ckpt, model, optimizer, scaler, fsdp: bool) -> Tuple[int, DataState, DataHealth]:
     """Load the latest checkpoint (or ``cfg.resume``'s path): weights, optimizer, scaler, RNG, data position."""
-    health = DataHealth(cfg.data.max_bad_fraction)
-    if cfg.resume is False:
-        return 0, DataState(), health
-    path = None if cfg.resume in (True, "auto") else Path(str(cfg.resume))
-    found = ckpt.read_latest(path) if env.main else None
-    folder = broadcast_object(env, found[0] if found else None)
-    if folder is None:
-        return 0, DataState(), health
-    _, model_sd, optim_sd, state = found if env.main else (None, *ckpt.read(folder))
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                       options=StateDictOptions(full_state_dict=True))
-    else:
+    def load(model_sd: Dict[str, Any], optim_sd: Dict[str, Any]) -> None:
+        if fsdp:
+            return load_fsdp_state(model, optimizer, model_sd, optim_sd)
         model.load_state_dict(model_sd, strict=True)
         optimizer.load_state_dict(optim_sd)
-    scaler.load_state_dict(state["scaler"])
-    ranks = state["ranks"]
-    if state["world_size"] != env.world_size:
-        if data_format(cfg.data.train, cfg.data.format) == "tar":
-            raise DataError(f"{folder} was written by {state['world_size']} processes; resume tar-shard training "
-                            f"with the same number (the shard split depends on it)")
-        ranks = [ranks[0]] * env.world_size  # map-style positions are global: any world size continues them
-    set_rng_state(ranks[env.rank]["rng"])
-    health.load_state_dict(_rank_health(state, env))
-    return int(state["step"]), DataState.from_state(ranks[env.rank]["data"]), health
 
-
-def _rank_health(state: Dict[str, Any], env: DistEnv) -> Dict[str, Any]:
-    """This rank's saved data health; after a change of world size rank 0 carries every old rank's counts."""
-    saved = [r["health"] for r in state["ranks"] if "health" in r] or [state["health"]]
-    if len(saved) == env.world_size:
-        return saved[env.rank]
-    return DataHealth.merged(saved if env.main else [], 0.0).state_dict()
+    tar = data_format(cfg.data.train, cfg.data.format) == "tar"  # the shard split depends on the world size
+    return resume_run(env, ckpt, cfg.resume, cfg.data.max_bad_fraction, scaler, load, same_world=tar)
 
 
 def _evaluator(cfg: TrainConfig, env: DistEnv, engine: nn.Module, model: AlphaCLIP) -> Optional[Callable[[], Dict]]:
@@ -244,7 +160,7 @@ def _evaluator(cfg: TrainConfig, env: DistEnv, engine: nn.Module, model: AlphaCL
     pixels, alpha, captions, skipped = decode_all(records, processor, files)
 
     def run() -> Dict[str, float]:
-        with _autocast(env.device.type, cfg.precision):
+        with autocast(env.device.type, cfg.precision):
             metrics = retrieval_top1(lambda p, a: engine(p, a)[0], lambda t: model.encode_text(t, normalize=True),
                                      pixels, alpha, captions, env.device)
         return {**metrics, "skipped": float(skipped)}
@@ -263,7 +179,7 @@ def _export(cfg: TrainConfig, env: DistEnv, model: AlphaCLIP, out: Path, fsdp: b
             model = AlphaCLIP(model.cfg)
             model.load_state_dict(full)
     if env.main:
-        model = merge_lora(model).to(_DTYPES[cfg.export.dtype])
+        model = merge_lora(model).to(DTYPES[cfg.export.dtype])
         # this run's export: replace an earlier one whole
         save_pretrained(model, target, overwrite=True, labels=cfg.export.labels or None)
         if cfg.export.official:

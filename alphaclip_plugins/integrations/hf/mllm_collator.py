@@ -85,6 +85,60 @@ def _strip(text: str, start: int, end: int) -> Span:
     return start, end
 
 
+def span_labels(ids: Sequence[int], offsets: Sequence[Tuple[int, int]], spans: Sequence[Span]) -> List[int]:
+    """Labels of a tokenized prompt: the token id inside an answer's character span, else ``IGNORE_INDEX``."""
+    return [i if any(a < e and b > s for s, e in spans) and b > a else IGNORE_INDEX for i, (a, b) in zip(ids, offsets)]
+
+
+class _Batcher:
+    """The batching both collators share: per-sample :meth:`encode`, skips listed in ``bad``, padding.
+
+    Subclasses set ``generation``, ``padding_side`` and ``pad_id`` and define ``encode(sample)`` (a dict of
+    ``input_ids``, ``labels`` lists and ``pixel_values [4, S, S]``; ValueError for an unusable sample).
+    """
+
+    generation: bool
+    padding_side: str
+    pad_id: int
+
+    def _pad(self, rows: List[List[int]], value: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        padded = [r + [value] * (width - len(r)) if self.padding_side == "right" else [value] * (width - len(r)) + r
+                  for r in rows]
+        return torch.tensor(padded, dtype=torch.long)
+
+    def __call__(self, items: Sequence[Any]) -> Dict[str, Any]:
+        encoded, names, targets, bad = [], [], [], []
+        for item in items:
+            if hasattr(item, "reason"):  # a BadSample
+                bad.append((item.name, item.reason))
+                continue
+            try:
+                encoded.append(self.encode(item))
+            except ValueError as e:
+                bad.append((item.name, str(e)))
+                continue
+            names.append(item.name)
+            targets.append(item.turns[-1][1])
+        return self.stack(encoded, names, bad, len(items), targets)
+
+    def stack(self, encoded: List[Dict[str, Any]], names: List[str], bad: List[Tuple[str, str]], tried: int,
+              targets: Optional[List[str]] = None) -> Dict[str, Any]:
+        """Pad and stack :meth:`encode` results into a batch (the keys listed in the class docstring)."""
+        batch: Dict[str, Any] = {"names": names, "bad": bad, "tried": tried}
+        if self.generation:
+            batch["targets"] = targets or []
+        if not encoded:
+            return batch
+        ids = [e["input_ids"] for e in encoded]
+        batch["input_ids"] = self._pad(ids, self.pad_id)
+        batch["attention_mask"] = self._pad([[1] * len(r) for r in ids], 0)
+        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in encoded])
+        if not self.generation:
+            batch["labels"] = self._pad([e["labels"] for e in encoded], IGNORE_INDEX)
+        return batch
+
+
 class ChatPrompter:
     """Prompts from a chat template, with the assistant spans read off renders of the conversation's prefixes.
 
@@ -138,7 +192,7 @@ class ChatPrompter:
         return full, spans
 
 
-class RegionConversationCollator:
+class RegionConversationCollator(_Batcher):
     """Collate region conversations into ``LlavaForConditionalGeneration`` batches.
 
     Args:
@@ -210,8 +264,7 @@ class RegionConversationCollator:
         if compat.LLAVA_PROCESSOR_EXPANDS:  # the processor expanded <image> into n tokens: move the spans with it
             extra = (self.processor._image_tokens(out["pixel_values"]) - 1) * len(token)
             spans = [(s + extra * text[:s].count(token), e + extra * text[:e].count(token)) for s, e in spans]
-        labels = [i if any(a < e and b > s for s, e in spans) and b > a else IGNORE_INDEX
-                  for i, (a, b) in zip(ids, offsets)]
+        labels = span_labels(ids, offsets, spans)
         if self.max_length is not None and len(ids) > self.max_length:
             image_id = self.tokenizer.convert_tokens_to_ids(token)
             if ids[self.max_length:].count(image_id):
@@ -221,34 +274,68 @@ class RegionConversationCollator:
             raise ValueError(f"no answer token is left within max_length={self.max_length}")
         return {"input_ids": ids, "labels": labels, "pixel_values": out["pixel_values"][0]}
 
-    def _pad(self, rows: List[List[int]], value: int) -> torch.Tensor:
-        width = max(len(r) for r in rows)
-        padded = [r + [value] * (width - len(r)) if self.padding_side == "right" else [value] * (width - len(r)) + r
-                  for r in rows]
-        return torch.tensor(padded, dtype=torch.long)
 
-    def __call__(self, items: Sequence[Any]) -> Dict[str, Any]:
-        encoded, names, targets, bad = [], [], [], []
-        for item in items:
-            if hasattr(item, "reason"):  # a BadSample
-                bad.append((item.name, item.reason))
-                continue
-            try:
-                encoded.append(self.encode(item))
-            except ValueError as e:
-                bad.append((item.name, str(e)))
-                continue
-            names.append(item.name)
-            targets.append(item.turns[-1][1])
-        batch: Dict[str, Any] = {"names": names, "bad": bad, "tried": len(items)}
+def _blip2_prompt_holds_queries() -> bool:
+    """Whether this release's BLIP-2 reads its query outputs into ``num_query_tokens`` image tokens at the front
+    of ``input_ids`` (its ``Blip2Processor`` puts them there: 4.4x on); older ones prepend the outputs themselves."""
+    from transformers import Blip2Processor
+
+    return "num_query_tokens" in inspect.signature(Blip2Processor.__init__).parameters
+
+
+class RegionCaptionCollator(_Batcher):
+    """Collate region conversations into :class:`~.blip2.AlphaBlip2ForConditionalGeneration` batches.
+
+    A sample's first question (its ``<image>`` removed; ``prompt`` where nothing is left) and first answer
+    become ``"<question> <answer><eos>"``; labels are -100 except on the answer and its eos, as in
+    :class:`RegionConversationCollator`, with which it shares the batching. Pixel values come from an
+    :class:`AlphaCLIPImageProcessor`, the package's one alpha-safe geometry. Where the release wants them,
+    ``num_query_tokens`` image tokens start each prompt (outside the loss).
+
+    Args:
+        image_processor: an :class:`AlphaCLIPImageProcessor` of the tower's size.
+        tokenizer: the language model's fast tokenizer.
+        config: the model's config (``num_query_tokens``, ``image_token_index``).
+        prompt: the text before the answer when a question is only ``<image>``.
+        generation: the prompt without the answer, left-padded; the answers come back as ``targets``.
+    """
+
+    def __init__(self, image_processor: Any, tokenizer: Any, config: Any, prompt: str = "a photo of",
+                 generation: bool = False, max_length: Optional[int] = None,
+                 padding_side: Optional[Literal["left", "right"]] = None):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("the collator finds the answer's tokens by character offsets, which need a fast "
+                             "tokenizer; load it with AutoTokenizer.from_pretrained(..., use_fast=True)")
+        self.image_processor, self.tokenizer, self.prompt, self.max_length = image_processor, tokenizer, prompt, max_length
+        self.generation = generation
+        self.padding_side = padding_side or ("left" if generation else "right")
+        self.queries = [int(config.image_token_index)] * config.num_query_tokens if (
+            _blip2_prompt_holds_queries() and getattr(config, "image_token_index", None) is not None) else []
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        self.pad_id = int(pad)
+
+    def text(self, turns: Sequence[Tuple[str, str]]) -> Tuple[str, List[Span]]:
+        """The prompt (and answer, unless ``generation``) of a one-question sample, and the answer's span."""
+        if len(turns) != 2:
+            raise ValueError(f"BLIP-2 learns one question and one answer per sample; this one has {len(turns)} "
+                             f"turns (split the conversation into samples)")
+        question = turns[0][1].replace("<image>", "").strip() or self.prompt
         if self.generation:
-            batch["targets"] = targets
-        if not encoded:
-            return batch
-        ids = [e["input_ids"] for e in encoded]
-        batch["input_ids"] = self._pad(ids, self.pad_id)
-        batch["attention_mask"] = self._pad([[1] * len(r) for r in ids], 0)
-        batch["pixel_values"] = torch.stack([e["pixel_values"] for e in encoded])
-        if not self.generation:
-            batch["labels"] = self._pad([e["labels"] for e in encoded], IGNORE_INDEX)
-        return batch
+            return question, []
+        answer = turns[1][1].strip() + (self.tokenizer.eos_token or "")
+        return f"{question} {answer}", [(len(question) + 1, len(question) + 1 + len(answer))]
+
+    def encode(self, sample: "ConversationSample") -> Dict[str, Any]:
+        """One sample -> ``input_ids``, ``labels`` (lists) and ``pixel_values [4, S, S]``."""
+        text, spans = self.text(sample.turns)
+        out = self.tokenizer(text, return_offsets_mapping=True)
+        ids = self.queries + list(out["input_ids"])
+        labels = [IGNORE_INDEX] * len(self.queries) + span_labels(out["input_ids"], out["offset_mapping"], spans)
+        if self.max_length is not None and len(ids) > self.max_length:
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if not self.generation and all(t == IGNORE_INDEX for t in labels):
+            raise ValueError(f"no answer token is left within max_length={self.max_length}")
+        pixels = self.image_processor(sample.image, regions=[sample.region], return_tensors="pt")["pixel_values"]
+        return {"input_ids": ids, "labels": labels, "pixel_values": pixels[0]}
