@@ -133,3 +133,18 @@ def test_eval_mllm_scores_regions_and_whole_image(tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.splitlines()[0].split() == ["score", "region", "whole", "gain"] and "3 samples" in table
     assert "is not a file" in _fails(["eval-mllm", "--data", str(tmp_path / "none.jsonl")], capsys, 2)
+
+
+def test_the_repo_config_builds_the_model_and_data_on_first_use_and_trains(tmp_path):
+    from alphaclip_plugins.train.mllm_cli import main as train_mllm
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "mllm" / "tiny_shapes_llava.yaml"
+    run = tmp_path / "run"
+    rc = train_mllm([str(config), f"output_dir={run}", f"model.path={run}/init", f"data.train={run}/data/s.jsonl",
+                     "data.synthetic.num_images=3", "data.num_workers=0", "steps=2", "batch_size=4",
+                     f"export.dir={run}/final", "progress=false", "tensorboard=false"])
+    assert not rc
+    assert (run / "init" / "config.json").is_file() and (run / "data" / "s.jsonl").is_file()
+    model, processor = load_llava(run / "final")
+    scene = next(_fresh_scenes(1))
+    assert len(ask(model, processor, scene.image, [scene.masks[0] > 0], QUESTIONS[0])) == 1

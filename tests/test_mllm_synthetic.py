@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from alphaclip_plugins.train.mllm_data import ConversationDataset, ConversationSample
-from alphaclip_plugins.train.mllm_synthetic import QUESTIONS, ConversationConfig, conversation_config, ensure_conversations
+from alphaclip_plugins.train.mllm_synthetic import QUESTIONS, ConversationConfig, ensure_conversations
 from alphaclip_plugins.train.synthetic import COLOURS, labels
 
 
@@ -47,9 +47,3 @@ def test_seeds_give_other_scenes_and_data_is_written_once(tmp_path):
     assert a.read_text() == "kept\n"
     ensure_conversations(a, ConversationConfig(num_images=5, seed=0))  # another config: written again
     assert a.read_text() != "kept\n"
-
-
-def test_config_mapping():
-    cfg = conversation_config({"num_images": 3, "seed": 7, "scene": {"max_shapes": 3}})
-    assert (cfg.num_images, cfg.seed, cfg.scene.max_shapes, cfg.scene.min_shapes) == (3, 7, 3, 2)
-    assert conversation_config(None) is None

@@ -19,7 +19,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import List, Optional, Union
 
 import numpy as np
 
@@ -93,10 +93,19 @@ def ensure_conversations(path: Optional[Union[str, Path]], cfg: Optional[Convers
     stamp.touch()
 
 
-def conversation_config(d: Optional[Dict]) -> Optional[ConversationConfig]:
-    """A config file's mapping -> :class:`ConversationConfig` (``scene`` as a mapping of SceneConfig fields)."""
-    if d is None:
-        return None
-    d = dict(d)
-    scene = SceneConfig(**(d.pop("scene", None) or {}))
-    return ConversationConfig(scene=scene, **d)
+def main(argv: Optional[List[str]] = None) -> None:
+    """``python -m alphaclip_plugins.train.mllm_synthetic OUT.jsonl [--num-images N] [--seed S]``: e.g. a held-out set."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m alphaclip_plugins.train.mllm_synthetic",
+                                     description="write synthetic region conversations (free scenes of shapes)")
+    parser.add_argument("out", help="the JSONL to write; images and masks go beside it")
+    parser.add_argument("--num-images", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1, help="the training set's is 0: another seed is held out")
+    args = parser.parse_args(argv)
+    ensure_conversations(args.out, ConversationConfig(num_images=args.num_images, seed=args.seed))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -112,3 +112,18 @@ def _set_generation_defaults(model: Any, tokenizer: PreTrainedTokenizerFast) -> 
     gen.do_sample, gen.num_beams, gen.max_new_tokens = False, 1, 8
     gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = (tokenizer.eos_token_id, tokenizer.pad_token_id,
                                                             tokenizer.bos_token_id)
+
+
+def ensure_tiny_llava(directory: PathLike, **kwargs: Any) -> Path:
+    """Write :func:`build_tiny_llava`'s untrained model and processor to ``directory`` unless a model is there
+    (``train-mllm``'s ``model.build: tiny_shapes_llava``: the run starts from it). Written all-or-nothing."""
+    from ...core.io import atomic_directory
+
+    directory = Path(directory)
+    if (directory / "config.json").is_file():
+        return directory
+    model, processor = build_tiny_llava(**kwargs)
+    with atomic_directory(directory, False, marker="config.json") as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return directory
