@@ -22,7 +22,7 @@ import alphaclip_plugins.integrations.hf as ahf  # noqa: E402
 from alphaclip_plugins.core.io import read_state_dict  # noqa: E402
 from alphaclip_plugins.integrations.hf.mllm_collator import IGNORE_INDEX  # noqa: E402
 from alphaclip_plugins.train.checkpointing import Checkpointer  # noqa: E402
-from alphaclip_plugins.train.config import load_config  # noqa: E402
+from alphaclip_plugins.train.config import _set_dotted, load_config  # noqa: E402
 from alphaclip_plugins.train.mllm_config import MLLMTrainConfig  # noqa: E402
 from alphaclip_plugins.train.mllm_model import load_trainable  # noqa: E402
 from alphaclip_plugins.train.mllm_trainer import build, train_mllm  # noqa: E402
@@ -97,11 +97,7 @@ def _config(folder: Path, run: str, **over) -> dict:
            "optim": {"lr": 3e-2, "warmup_steps": 1}, "output_dir": str(folder / run), "steps": 4, "batch_size": 4,
            "threads": 1, "log_every": 1, "save_every": 0, "tensorboard": False, "progress": False}
     for key, value in over.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
+        _set_dotted(cfg, key, value)
     return cfg
 
 
@@ -245,6 +241,51 @@ def test_blip2_qformer_recipe(blip2_dir):
     batch = collator([ConversationDataset.from_file(blip2_dir / "train.jsonl")[i] for i in range(2)])
     assert torch.isfinite(reloaded(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values",
                                                              "labels")}).loss)
+
+
+def test_blip2_collator_labels_only_the_answer(blip2_dir):
+    cfg = load_config(None, [f"model.path={blip2_dir / 'model'}"], MLLMTrainConfig)
+    _, _, collator, _ = build(cfg, torch.device("cpu"))
+    import inspect
+
+    from transformers import Blip2Processor
+
+    from alphaclip_plugins.train.mllm_data import ConversationDataset, ConversationSample
+
+    dataset = ConversationDataset.from_file(blip2_dir / "train.jsonl")
+    batch = collator([dataset[0], dataset[1]])
+    tok = collator.tokenizer
+    queries = 4 if "num_query_tokens" in inspect.signature(Blip2Processor.__init__).parameters else 0
+    for row, answer in zip(range(2), ANSWERS):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        assert (ids[:queries] == IMAGE_TOKEN).all() and (labels[:queries] == IGNORE_INDEX).all()
+        kept = labels != IGNORE_INDEX
+        assert torch.equal(labels[kept], ids[kept]) and labels[kept][-1] == EOS
+        assert tok.decode(labels[kept][:-1]) == answer  # the answer alone: not the question, not the queries
+    reference = ahf.AlphaCLIPImageProcessor(image_size=32)(dataset[0].image, regions=[dataset[0].region])
+    assert torch.equal(batch["pixel_values"][0], reference["pixel_values"][0])  # the one alpha-safe geometry
+    multi = ConversationSample(dataset[0].image, None, [("human", "<image>\nwhat"), ("gpt", "a"), ("human", "and"),
+                                                        ("gpt", "b")], "multi")
+    assert collator([multi])["bad"][0][0] == "multi"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(llava_dir):
+    from alphaclip_plugins.train.mllm_data import ConversationDataset
+
+    grads = []
+    for flag in (False, True):
+        cfg = load_config(None, [f"model.path={llava_dir / 'model'}", "model.train_lm=full", "model.train_tower=full",
+                                 f"model.grad_checkpointing={flag}"], MLLMTrainConfig)
+        model, _, collator, _ = build(cfg, torch.device("cpu"))
+        dataset = ConversationDataset.from_file(llava_dir / "train.jsonl")
+        batch = collator([dataset[i] for i in range(3)])
+        model.train()(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")},
+                      use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    used = {n for n, g in grads[0].items() if g is not None}  # LLaVA reads the tower's second-to-last layer
+    assert used == {n for n, g in grads[1].items() if g is not None}
+    assert any("vision_tower" in n for n in used) and any("language_model" in n for n in used)
+    assert max((grads[0][n] - grads[1][n]).abs().max() for n in used) < TOL
 
 
 def test_config_errors_are_one_clear_line(llava_dir, capsys):

@@ -63,7 +63,9 @@ def build(cfg: MLLMTrainConfig, device: torch.device) -> Tuple[nn.Module, str, A
 def _train(cfg: MLLMTrainConfig, env: DistEnv, overwrite: bool) -> Path:
     out = _prepare(cfg, env, overwrite)
     model, kind, collator, processor = build(cfg, env.device)
-    engine = wrap(model, env, cfg.distributed.strategy, find_unused=kind == "blip2", blocks=_is_block(model))
+    # BLIP-2's Q-Former text layers and LLaVA's unread last tower layer get no gradient
+    unused = kind == "blip2" or cfg.model.train_tower == "full"
+    engine = wrap(model, env, cfg.distributed.strategy, find_unused=unused, blocks=_is_block(model))
     optimizer = build_optimizer(model, kind, cfg.optim)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.precision == "fp16")
     ckpt = Checkpointer(out / "checkpoints", cfg.keep_last)
