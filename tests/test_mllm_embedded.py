@@ -18,6 +18,7 @@ import_or_skip("transformers")
 import alphaclip_plugins.integrations.hf as ahf  # noqa: E402
 from alphaclip_plugins.cli import main  # noqa: E402
 from alphaclip_plugins.integrations.hf.ask import ask, load_llava  # noqa: E402
+from alphaclip_plugins.integrations.hf.llava import _llava_core  # noqa: E402
 from alphaclip_plugins.integrations.hf.tiny_llava import TINY_LLAVA_DIR, VOCAB  # noqa: E402
 from alphaclip_plugins.train.mllm_data import ConversationDataset  # noqa: E402
 from alphaclip_plugins.train.mllm_synthetic import QUESTIONS, ConversationConfig, ensure_conversations  # noqa: E402
@@ -38,8 +39,7 @@ def test_asset_loads_with_transformers_classes_and_is_small():
     size = sum(f.stat().st_size for f in TINY_LLAVA_DIR.iterdir())
     assert size <= 10 * 2**20, size
     model = LlavaForConditionalGeneration.from_pretrained(TINY_LLAVA_DIR)
-    assert isinstance(model.model.vision_tower if hasattr(model, "model") else model.vision_tower,
-                      ahf.AlphaCLIPVisionModel)
+    assert isinstance(_llava_core(model).vision_tower, ahf.AlphaCLIPVisionModel)
     processor = AutoProcessor.from_pretrained(TINY_LLAVA_DIR)
     assert isinstance(processor, ahf.AlphaLlavaProcessor)
     tok = AutoTokenizer.from_pretrained(TINY_LLAVA_DIR)
