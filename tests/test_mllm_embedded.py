@@ -15,7 +15,10 @@ from test_cli_errors import _fails  # noqa: E402  (one line on stderr, the exit 
 
 import_or_skip("transformers")
 
+import torch  # noqa: E402
+
 import alphaclip_plugins.integrations.hf as ahf  # noqa: E402
+from alphaclip_plugins.core.factory import DEFAULT_MODEL_DIR  # noqa: E402
 from alphaclip_plugins.cli import main  # noqa: E402
 from alphaclip_plugins.integrations.hf.ask import ask, load_llava  # noqa: E402
 from alphaclip_plugins.integrations.hf.llava import _llava_core  # noqa: E402
@@ -40,6 +43,11 @@ def test_asset_loads_with_transformers_classes_and_is_small():
     assert size <= 10 * 2**20, size
     model = LlavaForConditionalGeneration.from_pretrained(TINY_LLAVA_DIR)
     assert isinstance(_llava_core(model).vision_tower, ahf.AlphaCLIPVisionModel)
+    tower = _llava_core(model).vision_tower
+    fresh = ahf.AlphaCLIPVisionModel(tower.config)
+    ahf.load_alpha_weights(fresh, DEFAULT_MODEL_DIR)  # the embedded Alpha-CLIP through the one loading path
+    trained = tower.state_dict()
+    assert all(torch.equal(trained[k], v) for k, v in fresh.state_dict().items())  # the tower stayed frozen
     processor = AutoProcessor.from_pretrained(TINY_LLAVA_DIR)
     assert isinstance(processor, ahf.AlphaLlavaProcessor)
     tok = AutoTokenizer.from_pretrained(TINY_LLAVA_DIR)
