@@ -195,8 +195,7 @@ def test_lora_stage2_export_round_trips_merged(llava_dir):
 
 def test_resume_after_sigkill_equals_uninterrupted(llava_dir):
     over = {"steps": 6, "save_every": 2, "model.train_tower": "alpha"}
-    full = _subprocess(llava_dir, "full", **over)
-    assert full.returncode == 0, full.stderr[-3000:]
+    _train(llava_dir, "full", **over)  # uninterrupted, in this process
     cut = _subprocess(llava_dir, "cut", kill_step=3, **over)  # killed after step 3: resumes from step 2
     assert cut.returncode == -signal.SIGKILL
     assert [c.name for c in Checkpointer(llava_dir / "cut" / "checkpoints").checkpoints()] == ["step_00000002"]
@@ -213,8 +212,13 @@ def _trained(folder: Path, run: str):
     return {k: v for k, v in sd.items() if "multi_modal_projector" in k}
 
 
+# Adam is blind to a constant gradient scale: a large eps (and no clipping) makes the update ~ lr * grad / eps, so
+# that a wrong normalisation of the loss (by world size, by micro-batch) would show.
+SCALE_SENSITIVE = {"optim.eps": 10.0, "optim.lr": 3.0, "optim.grad_clip": None}
+
+
 def test_two_processes_and_accumulation_equal_one_big_batch(llava_dir):
-    over = {"steps": 2, "batch_size": 8}
+    over = {"steps": 2, "batch_size": 8, **SCALE_SENSITIVE}
     _train(llava_dir, "one", **over)
     _train(llava_dir, "accum", accum_steps=2, **over)
     two = _subprocess(llava_dir, "two", nproc=2, **over)
@@ -303,3 +307,16 @@ def test_config_errors_are_one_clear_line(llava_dir, capsys):
                                       f"output_dir={llava_dir / 'refused'}", f"data.train={llava_dir / 'train.jsonl'}"],
                                MLLMTrainConfig))
     assert not (llava_dir / "refused").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_one(llava_dir):
+    over = {"steps": 2, "batch_size": 8, "model.train_lm": "full", **SCALE_SENSITIVE, "optim.lr": 0.3}
+    _train(llava_dir, "one_full", **over)
+    two = _subprocess(llava_dir, "fsdp", nproc=2, **{"distributed.strategy": "fsdp", "save_every": 1}, **over)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = read_state_dict(llava_dir / "one_full" / "final" / "model.safetensors")
+    fsdp = read_state_dict(llava_dir / "fsdp" / "final" / "model.safetensors")
+    start = read_state_dict(llava_dir / "model" / "model.safetensors")
+    assert any("language_model" in k and not torch.equal(one[k], start[k]) for k in one)
+    assert max((one[k] - fsdp[k]).abs().max() for k in one) < TOL

@@ -62,6 +62,7 @@ class MLLMOptimConfig:
 class MLLMExportConfig:
     dir: Optional[str] = None  # where the final model goes (default: <output_dir>/final); never replaced silently
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # storage dtype of the exported weights
+    original_llava: bool = False  # LLaVA: also write <dir>-llava, which the LLaVA code base's load_pretrained_model reads
 
 
 @dataclass

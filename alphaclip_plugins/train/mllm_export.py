@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -26,6 +26,17 @@ MARKER = ".alphaclip-train-mllm.json"  # in an export: which run wrote it
 
 def export_dir(cfg: Any) -> Path:
     return Path(cfg.export.dir) if cfg.export.dir else Path(cfg.output_dir) / "final"
+
+
+def original_dir(cfg: Any) -> Path:
+    """Where ``export.original_llava`` writes: beside the export, named so that LLaVA's loader sees "llava"."""
+    target = export_dir(cfg)
+    return target.parent / f"{target.name}-llava"
+
+
+def mark(folder: Path, cfg: Any) -> None:
+    """Note in an export that this run (its ``output_dir``) wrote it: a later run of it may replace it."""
+    (folder / MARKER).write_text(json.dumps({"output_dir": str(Path(cfg.output_dir).resolve())}))
 
 
 def _written_by_this_run(target: Path, cfg: Any) -> bool:
@@ -42,10 +53,11 @@ def check_export_target(cfg: Any, overwrite: bool) -> None:
     Raises:
         RunDirError: the directory exists, is not this run's earlier export, and ``overwrite`` is off.
     """
-    target = export_dir(cfg)
-    if target.exists() and not overwrite and not _written_by_this_run(target, cfg):
-        raise RunDirError(f"export.dir {target} exists and was not written by this run; pass --overwrite to replace "
-                          f"it or set export.dir to a new directory")
+    targets = [export_dir(cfg)] + ([original_dir(cfg)] if cfg.export.original_llava else [])
+    for target in targets:
+        if target.exists() and not overwrite and not _written_by_this_run(target, cfg):
+            raise RunDirError(f"{target} exists and was not written by this run; pass --overwrite to replace it or "
+                              f"set export.dir to a new directory")
 
 
 def _merged(model: nn.Module) -> nn.Module:
@@ -53,23 +65,34 @@ def _merged(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
-def save_export(model: nn.Module, processor: Sequence[Any], target: Path, cfg: Any) -> Path:
-    """Write ``model`` (LoRA merged, in ``export.dtype``) and its processor parts to ``target`` atomically."""
+def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    """``write(folder)`` into a temporary folder beside ``target``, then swap it into place (replacing ``target``)."""
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    hf = _merged(model).to(DTYPES[cfg.export.dtype])
-    if getattr(hf.config, "use_cache", None) is False:
-        hf.config.use_cache = True  # training turned it off for gradient checkpointing
-    hf.save_pretrained(tmp)
-    for part in processor:
-        part.save_pretrained(tmp)
-    (tmp / MARKER).write_text(json.dumps({"output_dir": str(Path(cfg.output_dir).resolve())}))
+    tmp.mkdir(parents=True)
+    write(tmp)
     if target.exists():
         trash = target.parent / f".trash-{target.name}-{os.getpid()}"
         os.replace(target, trash)
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(tmp, target)
     return target
+
+
+def save_export(model: nn.Module, processor: Sequence[Any], target: Path, cfg: Any) -> Path:
+    """Write ``model`` (LoRA merged, in ``export.dtype``) and its processor parts to ``target`` atomically."""
+    hf = _merged(model).to(DTYPES[cfg.export.dtype])
+    if getattr(hf.config, "use_cache", None) is False:
+        hf.config.use_cache = True  # training turned it off for gradient checkpointing
+
+    def write(folder: Path) -> None:
+        hf.save_pretrained(folder)
+        for part in processor:
+            part.save_pretrained(folder)
+        mark(folder, cfg)
+
+    write_atomically(target, write)
+    return hf
 
 
 def export_model(cfg: Any, env: DistEnv, model: nn.Module, kind: str, processor: Sequence[Any], fsdp: bool,
@@ -89,6 +112,10 @@ def export_model(cfg: Any, env: DistEnv, model: nn.Module, kind: str, processor:
             model = fresh
     if env.main:
         model = model.to("cpu")
-        save_export(model, processor, target, cfg)
+        hf = save_export(model, processor, target, cfg)
+        if cfg.export.original_llava and kind == "llava":
+            from .mllm_original import save_original_llava
+
+            save_original_llava(hf, processor[0].tokenizer, original_dir(cfg), lambda folder: mark(folder, cfg))
     barrier(env)
     return target

@@ -161,7 +161,7 @@ def _save(cfg, env, ckpt, step, model, optimizer, scaler, data, health, fsdp) ->
     """Only the trainable weights are saved: the frozen ones are re-read from ``model.path`` on resume."""
     if fsdp:
         full, optim_sd = full_state_dicts(model, optimizer, fsdp)
-        model_sd = {n: full[n] for n, p in model.named_parameters() if p.requires_grad}
+        model_sd = {n: full[n] for n, p in model.named_parameters() if p.requires_grad and n in full}  # rank 0 holds it
     else:
         model_sd, optim_sd = trainable_state(model), optimizer.state_dict()
     save_run(env, ckpt, step, model_sd, optim_sd, scaler, data, health, cfg.to_dict())

@@ -334,6 +334,8 @@ class RegionCaptionCollator(_Batcher):
         ids = self.queries + list(out["input_ids"])
         labels = [IGNORE_INDEX] * len(self.queries) + span_labels(out["input_ids"], out["offset_mapping"], spans)
         if self.max_length is not None and len(ids) > self.max_length:
+            if self.max_length <= len(self.queries):
+                raise ValueError(f"max_length={self.max_length} would cut the {len(self.queries)} query tokens")
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         if not self.generation and all(t == IGNORE_INDEX for t in labels):
             raise ValueError(f"no answer token is left within max_length={self.max_length}")
