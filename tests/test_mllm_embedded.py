@@ -4,6 +4,7 @@ freshly drawn scenes, is not region-wise with whole-image alpha, and a batch of 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,14 @@ def test_ask_cli_errors_are_one_line(tmp_path, capsys):
     assert "question is empty" in _fails(["ask", str(image), "--mask", str(mask), "  "], capsys, 2)
     assert "no LLaVA model" in _fails(["ask", str(image), "--model", str(tmp_path / "nowhere"), q], capsys)
     _fails(["ask", str(image)], capsys, 2)  # no question
+    from safetensors.torch import load_file, save_file
+
+    partial = tmp_path / "partial"  # a directory whose weights do not all fit (another release's layout)
+    shutil.copytree(TINY_LLAVA_DIR, partial)
+    sd = load_file(partial / "model.safetensors")
+    save_file({k: v for k, v in sd.items() if "patch_embedding_alpha" not in k}, partial / "model.safetensors",
+              metadata={"format": "pt"})
+    assert "weights are missing" in _fails(["ask", str(image), "--mask", str(mask), "--model", str(partial), q], capsys)
 
 
 def test_eval_mllm_scores_regions_and_whole_image(tmp_path, capsys):

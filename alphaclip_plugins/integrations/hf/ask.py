@@ -27,7 +27,8 @@ def load_llava(model_dir: Optional[PathLike] = None, device: Union[str, torch.de
 
     Raises:
         FileNotFoundError: the directory is missing or holds no model (``config.json``).
-        ValueError: it holds a model that is not a LLaVA with an Alpha-CLIP tower.
+        ValueError: it holds a model that is not a LLaVA with an Alpha-CLIP tower, or weights this transformers
+            release cannot place (a directory saved by another major release).
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -42,7 +43,18 @@ def load_llava(model_dir: Optional[PathLike] = None, device: Union[str, torch.de
         hint = ("reinstall alphaclip-plugins, or train it with: alphaclip train-mllm configs/mllm/tiny_shapes_llava.yaml"
                 if model_dir is None else "pass a directory written by save_pretrained (config.json, weights, processor)")
         raise FileNotFoundError(f"no LLaVA model in {path} (no config.json); {hint}")
-    model = LlavaForConditionalGeneration.from_pretrained(path).float()
+    model, info = LlavaForConditionalGeneration.from_pretrained(path, output_loading_info=True)
+    missing = sorted(info["missing_keys"])
+    if missing:  # e.g. a transformers 5 export read by 4.x: the tower would be random
+        import json
+
+        import transformers
+
+        saved = json.loads((path / "config.json").read_text()).get("transformers_version", "another release")
+        raise ValueError(f"{path} does not fit transformers {transformers.__version__}: {len(missing)} "
+                         f"weights are missing (e.g. {missing[0]}); it was saved with transformers "
+                         f"{saved}: load it with that release, or re-export it with this one")
+    model = model.float()
     if not isinstance(_llava_core(model).vision_tower, AlphaCLIPVisionModel):
         raise ValueError(f"{path} holds a LLaVA whose vision tower is not alpha-aware; convert it with alphafy_llava "
                          f"and save it, or pass a region-aware LLaVA directory")
