@@ -170,6 +170,7 @@ def _logits(model, batch):
 
 
 def test_lora_stage2_export_round_trips_merged(llava_dir):
+    import_or_skip("peft")
     over = {"model.train_lm": "lora", "model.lora_rank": 4, "model.train_tower": "alpha", "steps": 3,
             "optim.lr": 1e-2}
     final = _train(llava_dir, "lora", **over)
@@ -283,8 +284,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(llava_dir):
         model, _, collator, _ = build(cfg, torch.device("cpu"))
         dataset = ConversationDataset.from_file(llava_dir / "train.jsonl")
         batch = collator([dataset[i] for i in range(3)])
-        model.train()(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")},
-                      use_cache=False).loss.backward()
+        model.train()(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     used = {n for n, g in grads[0].items() if g is not None}  # LLaVA reads the tower's second-to-last layer
     assert used == {n for n, g in grads[1].items() if g is not None}
@@ -300,6 +300,11 @@ def test_config_errors_are_one_clear_line(llava_dir, capsys):
     assert "\n" not in err and "unknown config keys ['lrr']" in err
     assert main([f"model.path={llava_dir / 'model'}", "model.train_projector=false"]) == 2
     assert "nothing would train" in capsys.readouterr().err
+    assert main([f"model.path={llava_dir}", f"data.train={llava_dir / 'train.jsonl'}",
+                 f"output_dir={llava_dir / 'no_model'}"]) == 2  # a folder without config.json
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "has no config.json" in err
+    assert not (llava_dir / "no_model").exists()  # refused before output_dir was taken
     user = llava_dir / "mine"
     user.mkdir(exist_ok=True)
     with pytest.raises(RunDirError, match="was not written by this run"):
@@ -320,3 +325,12 @@ def test_fsdp_two_processes_equal_one(llava_dir):
     start = read_state_dict(llava_dir / "model" / "model.safetensors")
     assert any("language_model" in k and not torch.equal(one[k], start[k]) for k in one)
     assert max((one[k] - fsdp[k]).abs().max() for k in one) < TOL
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs" / "mllm").glob("*.yaml")))
+def test_recipes_read_and_say_what_trains(recipe):
+    cfg = load_config(ROOT / "configs" / "mllm" / recipe, ["model.path=some-model"], MLLMTrainConfig)
+    m = cfg.model
+    expected = {"llava_stage1.yaml": (True, "none", "none"), "llava_stage2_full.yaml": (True, "full", "none"),
+                "llava_stage2_lora.yaml": (True, "lora", "alpha"), "blip2_qformer.yaml": (True, "none", "none")}
+    assert (m.train_projector, m.train_lm, m.train_tower) == expected[recipe]

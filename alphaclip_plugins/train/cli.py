@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 
 def _parser(prog: str = "alphaclip train", what: str = "Alpha-CLIP") -> argparse.ArgumentParser:
@@ -40,9 +40,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run_cli(argv: Optional[Sequence[str]], prog: str, what: str, config_class: type,
-            train: Callable[[Any, bool], Any]) -> int:
-    """Parse ``CONFIG [key=value ...] [--print-config] [--overwrite]``, then ``train(cfg, overwrite)``;
-    every error is one line on stderr (exit 2 for config and run-folder errors, 1 for data errors)."""
+            train: Callable[[Any, bool], Any], setup_errors: Tuple[type, ...] = ()) -> int:
+    """Parse ``CONFIG [key=value ...] [--print-config] [--overwrite]``, then ``train(cfg, overwrite)``.
+
+    Config, run-folder and data errors are one line on stderr (exit 2 for the first two, 1 for data), and so
+    are ``setup_errors`` raised by ``train`` (exit 2: e.g. a model directory that cannot be used)."""
     args = _parser(prog, what).parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))  # flags anywhere
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
@@ -70,6 +72,9 @@ def run_cli(argv: Optional[Sequence[str]], prog: str, what: str, config_class: t
     except DataError as e:
         print(f"{prog}: data error: {e}", file=sys.stderr)
         return 1
+    except setup_errors as e:
+        print(f"{prog}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     print(f"model written to {target}")
     return 0
 

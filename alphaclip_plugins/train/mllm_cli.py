@@ -23,7 +23,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return train_mllm(cfg, overwrite=overwrite)
 
-    return run_cli(argv, "alphaclip train-mllm", "a region-aware LLaVA or BLIP-2", MLLMTrainConfig, train)
+    # a model directory or recipe that cannot be used (no config.json, LoRA targets that match nothing, no peft)
+    return run_cli(argv, "alphaclip train-mllm", "a region-aware LLaVA or BLIP-2", MLLMTrainConfig, train,
+                   setup_errors=(ValueError, ImportError))
 
 
 if __name__ == "__main__":

@@ -82,8 +82,7 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
 def save_export(model: nn.Module, processor: Sequence[Any], target: Path, cfg: Any) -> Path:
     """Write ``model`` (LoRA merged, in ``export.dtype``) and its processor parts to ``target`` atomically."""
     hf = _merged(model).to(DTYPES[cfg.export.dtype])
-    if getattr(hf.config, "use_cache", None) is False:
-        hf.config.use_cache = True  # training turned it off for gradient checkpointing
+    hf.config.text_config.use_cache = True  # training turned it off
 
     def write(folder: Path) -> None:
         hf.save_pretrained(folder)

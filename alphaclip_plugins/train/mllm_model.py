@@ -116,10 +116,10 @@ def prepare_model(model: nn.Module, kind: str, cfg: MLLMModelConfig) -> nn.Modul
             module.requires_grad_(True)
     for param in p.extra:
         param.requires_grad_(cfg.train_projector)
+    base = base_model(model)
+    base.config.text_config.use_cache = False  # training needs no key-value cache (the export turns it back on)
     if cfg.grad_checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.config.use_cache = False
     return model
 
 

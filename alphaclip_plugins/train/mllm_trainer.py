@@ -25,7 +25,8 @@ from .loader import DataHealth, DataState
 from .mllm_config import MLLMTrainConfig
 from .mllm_export import check_export_target, export_model
 from .mllm_loader import make_loader
-from .mllm_model import build_collator, build_optimizer, load_model, load_trainable, prepare_model, trainable_state
+from .mllm_model import (build_collator, build_optimizer, load_model, load_trainable, model_kind, prepare_model,
+                         trainable_state)
 from .monitor import Monitor, count_skips, due, finish, log_skipped
 from .optim import autocast, clip_grads, lr_factor, set_lr
 from .rundir import claim_output
@@ -99,7 +100,7 @@ def _train(cfg: MLLMTrainConfig, env: DistEnv, overwrite: bool) -> Path:
 
         log = step % cfg.log_every == 0 or step == cfg.steps
         scalars = {"loss": _all_sum(env, float(loss_sum)) / tokens, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens": tokens} if log else {}
+                   "tokens": int(tokens)} if log else {}
         monitor.step(step, cfg.batch_size, scalars, log)
         if due(step, cfg.save_every, cfg.steps):
             log_skipped(env, monitor, health)
@@ -117,7 +118,7 @@ def label_tokens(batch: Dict[str, Any]) -> int:
 def token_loss_sum(model: nn.Module, batch: Dict[str, Any], device: torch.device) -> torch.Tensor:
     """The cross-entropy summed over a micro-batch's label tokens (the model's mean times their number)."""
     inputs = {k: batch[k].to(device, non_blocking=True) for k in _MODEL_KEYS}
-    out = model(**inputs, use_cache=False)
+    out = model(**inputs)
     return out.loss.float() * label_tokens(batch)
 
 
@@ -143,6 +144,7 @@ def _prepare(cfg: MLLMTrainConfig, env: DistEnv, overwrite: bool) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
+    model_kind(str(cfg.model.path))  # an unusable model directory fails before output_dir is taken
     check_export_target(cfg, overwrite)
     claim_output(env, out, cfg.to_dict(), cfg.resume, overwrite)
     if env.main:  # written on first use: synthetic conversations, a model built from parts
