@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpointing import Checkpointer, full_state_dicts, load_fsdp_state, resume_run, save_run
-from .distributed import DistEnv, barrier, cleanup, is_fsdp, no_grad_sync, setup, wrap
+from .distributed import DistEnv, cleanup, is_fsdp, no_grad_sync, setup, wrap
 from .loader import DataHealth, DataState
 from .mllm_config import MLLMTrainConfig
 from .mllm_export import check_export_target, export_model
@@ -144,19 +144,22 @@ def _prepare(cfg: MLLMTrainConfig, env: DistEnv, overwrite: bool) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    model_kind(str(cfg.model.path))  # an unusable model directory fails before output_dir is taken
+    if not cfg.model.build:  # a model built from parts is written by _first_use
+        model_kind(str(cfg.model.path))  # an unusable model directory fails before output_dir is taken
     check_export_target(cfg, overwrite)
-    claim_output(env, out, cfg.to_dict(), cfg.resume, overwrite)
-    if env.main:  # written on first use: synthetic conversations, a model built from parts
-        from .mllm_synthetic import ensure_conversations
-
-        ensure_conversations(cfg.data.train, cfg.data.synthetic)
-        if cfg.model.build:
-            from ..integrations.hf.tiny_llava import ensure_tiny_llava
-
-            ensure_tiny_llava(cfg.model.path)
-    barrier(env)
+    claim_output(env, out, cfg.to_dict(), cfg.resume, overwrite, setup=lambda: _first_use(cfg))
     return out
+
+
+def _first_use(cfg: MLLMTrainConfig) -> None:
+    """Rank 0 writes what is missing: synthetic conversations (``data.synthetic``), the model (``model.build``)."""
+    from .mllm_synthetic import ensure_conversations
+
+    ensure_conversations(cfg.data.train, cfg.data.synthetic)
+    if cfg.model.build:
+        from ..integrations.hf.tiny_llava import ensure_tiny_llava
+
+        ensure_tiny_llava(cfg.model.path)
 
 
 def _save(cfg, env, ckpt, step, model, optimizer, scaler, data, health, fsdp) -> None:
