@@ -1,4 +1,5 @@
-"""The ``alphaclip`` command: classify regions, convert checkpoints, inspect files, write vocabularies, train."""
+"""The ``alphaclip`` command: classify regions, convert checkpoints, inspect files, write vocabularies, train;
+ask a region-aware LLaVA about regions and score one (``ask``, ``eval-mllm``)."""
 from __future__ import annotations
 
 import argparse
@@ -185,6 +186,53 @@ def cmd_info(args: argparse.Namespace) -> None:
             print(f"{k:<16} {v}")
 
 
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars around a command's one line of output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from .core.images import open_image, open_mask
+
+    image = open_image(args.image)  # bad inputs fail before the model loads
+    if not args.question.strip():
+        fail('the question is empty; ask something, e.g. "What is in the highlighted region?"', 2)
+    regions: list = [open_mask(m) for m in args.mask] + list(args.box)
+    names = [f"mask {m}" for m in args.mask] + [f"box {','.join(f'{v:g}' for v in b)}" for b in args.box]
+    if not regions:
+        regions, names = [None], ["whole image"]
+    from .integrations.hf.ask import ask, load_llava, region_masks
+
+    region_masks(image, regions)  # a region that does not fit the image fails before the model loads
+    _quiet_transformers()
+    model, processor = load_llava(args.model)
+    answers = ask(model, processor, image, regions, args.question, args.max_new_tokens)
+    if args.json:
+        print(json.dumps([{"region": n, "answer": a} for n, a in zip(names, answers)], indent=2))
+    elif len(answers) == 1:
+        print(answers[0])
+    else:
+        width = max(len(n) for n in names)
+        for n, a in zip(names, answers):
+            print(f"{n:<{width}}  {a}")
+
+
+def cmd_eval_mllm(args: argparse.Namespace) -> None:
+    from .integrations.hf.mllm_eval import evaluate_dir, format_table
+
+    if not Path(args.data).is_file():
+        fail(f"{args.data} is not a file; pass a conversation file (.jsonl or .json, see docs/mllm.md)", 2)
+    _quiet_transformers()
+    report = evaluate_dir(args.model, args.data, image_root=args.image_root, limit=args.limit,
+                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          java=False if args.no_java else None)
+    if not args.examples:
+        report.pop("examples")
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=_PROG, description="Alpha-CLIP, the region-aware CLIP")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -229,6 +277,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("ask", help="ask a region-aware LLaVA about regions of an image")
+    p.add_argument("image")
+    p.add_argument("question", help='e.g. "What is in the highlighted region?"')
+    p.add_argument("--mask", action="append", default=[], help="a mask image (non-zero = region); repeatable")
+    p.add_argument("--box", action="append", default=[], type=_box, help="x0,y0,x1,y1 in pixels; repeatable")
+    p.add_argument("--model", default=None, help="LLaVA directory (default: the embedded tiny shapes model)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="longest answer, in tokens")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("eval-mllm", help="score a region-aware LLaVA on region conversations, with and without regions")
+    p.add_argument("--model", default=None, help="LLaVA directory (default: the embedded tiny shapes model)")
+    p.add_argument("--data", required=True, help="conversation file (.jsonl or .json, docs/mllm.md)")
+    p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the file's)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N samples")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=16, help="longest answer, in tokens")
+    p.add_argument("--no-java", action="store_true", help="skip METEOR and SPICE even where Java is present")
+    p.add_argument("--examples", action="store_true", help="include every answer in the JSON output")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_eval_mllm)
 
     p = sub.add_parser("train", help="fine-tune Alpha-CLIP: alphaclip train CONFIG.yaml [key=value ...]")
     p.add_argument("args", nargs=argparse.REMAINDER)

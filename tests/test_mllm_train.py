@@ -333,5 +333,6 @@ def test_recipes_read_and_say_what_trains(recipe):
     cfg = load_config(ROOT / "configs" / "mllm" / recipe, ["model.path=some-model"], MLLMTrainConfig)
     m = cfg.model
     expected = {"llava_stage1.yaml": (True, "none", "none"), "llava_stage2_full.yaml": (True, "full", "none"),
-                "llava_stage2_lora.yaml": (True, "lora", "alpha"), "blip2_qformer.yaml": (True, "none", "none")}
+                "llava_stage2_lora.yaml": (True, "lora", "alpha"), "blip2_qformer.yaml": (True, "none", "none"),
+                "tiny_shapes_llava.yaml": (True, "full", "none")}
     assert (m.train_projector, m.train_lm, m.train_tower) == expected[recipe]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from .config import DistributedConfig, TrainConfig, check_counts
+from .mllm_synthetic import ConversationConfig
 
 
 @dataclass
@@ -32,6 +33,7 @@ class MLLMModelConfig:
     lora_dropout: float = 0.0  # LoRA dropout
     lora_targets: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # LM linears
     grad_checkpointing: bool = False  # recompute LM and tower layers in backward: less memory, more time
+    build: Optional[Literal["tiny_shapes_llava"]] = None  # write `path` from parts first if it is missing (tiny_llava.py)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class MLLMDataConfig:
     image_root: Optional[str] = None  # images folder for relative paths (default: the file's folder)
     num_workers: int = 2  # DataLoader worker processes (0 = load in the training process)
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples cannot be used
+    synthetic: Optional[ConversationConfig] = None  # write synthetic region conversations to `train` first if missing
 
 
 @dataclass

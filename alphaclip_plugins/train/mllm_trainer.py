@@ -144,10 +144,22 @@ def _prepare(cfg: MLLMTrainConfig, env: DistEnv, overwrite: bool) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    model_kind(str(cfg.model.path))  # an unusable model directory fails before output_dir is taken
+    if not cfg.model.build:  # a model built from parts is written by _first_use
+        model_kind(str(cfg.model.path))  # an unusable model directory fails before output_dir is taken
     check_export_target(cfg, overwrite)
-    claim_output(env, out, cfg.to_dict(), cfg.resume, overwrite)
+    claim_output(env, out, cfg.to_dict(), cfg.resume, overwrite, setup=lambda: _first_use(cfg))
     return out
+
+
+def _first_use(cfg: MLLMTrainConfig) -> None:
+    """Rank 0 writes what is missing: synthetic conversations (``data.synthetic``), the model (``model.build``)."""
+    from .mllm_synthetic import ensure_conversations
+
+    ensure_conversations(cfg.data.train, cfg.data.synthetic)
+    if cfg.model.build:
+        from ..integrations.hf.tiny_llava import ensure_tiny_llava
+
+        ensure_tiny_llava(cfg.model.path)
 
 
 def _save(cfg, env, ckpt, step, model, optimizer, scaler, data, health, fsdp) -> None:
