@@ -81,24 +81,18 @@ class ExportConfig:
 
 
 @dataclass
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
+class RunConfig:
+    """The run-level fields both trainers share (``alphaclip train`` and ``alphaclip train-mllm``)."""
+
     output_dir: str = "runs/alphaclip"  # checkpoints, logs and the final model
     steps: int = 10000  # optimizer steps
     batch_size: int = 4096  # global batch per optimizer step (all processes, all accumulation steps)
     accum_steps: int = 1  # micro-batches per optimizer step (the loss sees one micro-batch at a time)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 adds a gradient scaler
     device: str = "auto"  # auto: this process's GPU under torchrun, else cuda:0, else cpu
-    seed: int = 0  # data order, whole-image choices and initialisation
+    seed: int = 0  # data order, random choices of the data and initialisation
     threads: Optional[int] = None  # torch CPU threads per process (null: torch's default)
-    text_cache_size: int = 1_000_000  # frozen text tower: features kept per distinct caption (LRU)
     log_every: int = 10  # steps between logged scalars
-    eval_every: int = 500  # steps between retrieval evaluations (0: only at the end)
     save_every: int = 1000  # steps between checkpoints (0: only at the end)
     keep_last: int = 3  # checkpoints kept on disk
     # auto: continue from output_dir's latest checkpoint if its run had this config (else refuse);
@@ -108,14 +102,10 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar on rank 0
 
     def __post_init__(self) -> None:
-        check_counts(self)
-        if isinstance(self.model, ModelConfig) and isinstance(self.model.overrides, dict):
-            from ..core.config import check_override_keys
-
-            try:
-                check_override_keys(self.model.overrides)
-            except TypeError as e:
-                raise ValueError(f"model.overrides: {e}") from None
+        for key in ("steps", "batch_size", "accum_steps"):
+            value = getattr(self, key)
+            if isinstance(value, int) and value < 1:
+                raise ValueError(f"{key} must be at least 1; got {value}")
 
     def micro_batch(self, world_size: int) -> int:
         """Samples per micro-batch per process."""
@@ -131,12 +121,26 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def check_counts(cfg: Any) -> None:
-    """``steps``, ``batch_size`` and ``accum_steps`` of a run config are at least 1."""
-    for key in ("steps", "batch_size", "accum_steps"):
-        value = getattr(cfg, key)
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"{key} must be at least 1; got {value}")
+@dataclass
+class TrainConfig(RunConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    text_cache_size: int = 1_000_000  # frozen text tower: features kept per distinct caption (LRU)
+    eval_every: int = 500  # steps between retrieval evaluations (0: only at the end)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.model, ModelConfig) and isinstance(self.model.overrides, dict):
+            from ..core.config import check_override_keys
+
+            try:
+                check_override_keys(self.model.overrides)
+            except TypeError as e:
+                raise ValueError(f"model.overrides: {e}") from None
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

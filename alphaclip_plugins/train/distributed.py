@@ -54,6 +54,18 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def session(device: str = "auto", backend: str = "auto") -> Iterator[DistEnv]:
+    """A training run's process setup: :func:`setup` on entry; on exit the process group is left and torch's
+    CPU thread count restored (a run's ``threads`` setting applies to that run only)."""
+    threads = torch.get_num_threads()
+    try:
+        yield setup(device, backend)
+    finally:
+        torch.set_num_threads(threads)
+        cleanup()
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()

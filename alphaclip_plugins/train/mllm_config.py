@@ -7,11 +7,10 @@ the same. Recipes in ``configs/mllm/`` set these; ``key=value`` arguments overri
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import List, Literal, Optional
 
-from .config import DistributedConfig, TrainConfig, check_counts
+from .config import DistributedConfig, RunConfig
 from .mllm_synthetic import ConversationConfig
 
 
@@ -66,7 +65,7 @@ class MLLMExportConfig:
 
 
 @dataclass
-class MLLMTrainConfig:
+class MLLMTrainConfig(RunConfig):
     model: MLLMModelConfig = field(default_factory=MLLMModelConfig)
     data: MLLMDataConfig = field(default_factory=MLLMDataConfig)
     optim: MLLMOptimConfig = field(default_factory=MLLMOptimConfig)
@@ -75,22 +74,10 @@ class MLLMTrainConfig:
     output_dir: str = "runs/mllm"  # checkpoints, logs and the final model
     steps: int = 1000  # optimizer steps
     batch_size: int = 128  # global batch per optimizer step (all processes, all accumulation steps)
-    accum_steps: int = 1  # micro-batches per optimizer step
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 adds a gradient scaler
-    device: str = "auto"  # auto: this process's GPU under torchrun, else cuda:0, else cpu
-    seed: int = 0  # data order and LoRA initialisation
-    threads: Optional[int] = None  # torch CPU threads per process (null: torch's default)
-    log_every: int = 10  # steps between logged scalars
     save_every: int = 500  # steps between checkpoints (0: only at the end)
-    keep_last: int = 3  # checkpoints kept on disk
-    # auto: continue from output_dir's latest checkpoint if its run had this config (else refuse);
-    # true: continue it even with changed settings; false: start at step 0; or a checkpoint folder
-    resume: Union[bool, str] = "auto"
-    tensorboard: bool = True  # write TensorBoard scalars (needs the tensorboard package)
-    progress: bool = True  # tqdm progress bar on rank 0
 
     def __post_init__(self) -> None:
-        check_counts(self)
+        super().__post_init__()
         m = self.model
         if isinstance(m, MLLMModelConfig):
             if m.path is None:
@@ -99,8 +86,3 @@ class MLLMTrainConfig:
                 raise ValueError("nothing would train: set model.train_projector, model.train_lm or model.train_tower")
             if m.train_lm == "lora" and m.lora_rank < 1:
                 raise ValueError(f"model.train_lm=lora needs model.lora_rank >= 1; got {m.lora_rank}")
-
-    micro_batch = TrainConfig.micro_batch  # the same split of the global batch
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpointing import Checkpointer, full_state_dicts, load_fsdp_state, resume_run, save_run
-from .distributed import DistEnv, cleanup, is_fsdp, no_grad_sync, setup, wrap
+from .distributed import DistEnv, is_fsdp, no_grad_sync, session, wrap
 from .loader import DataHealth, DataState
 from .mllm_config import MLLMTrainConfig
 from .mllm_export import check_export_target, export_model
@@ -44,13 +44,8 @@ def train_mllm(cfg: MLLMTrainConfig, overwrite: bool = False) -> Path:
         RunDirError: ``output_dir`` holds an earlier run that ``cfg.resume`` does not say to continue, or
             ``export.dir`` holds a directory this run did not write (see :mod:`.rundir`, :mod:`.mllm_export`).
     """
-    env = setup(cfg.device, cfg.distributed.backend)
-    threads = torch.get_num_threads()
-    try:
+    with session(cfg.device, cfg.distributed.backend) as env:
         return _train(cfg, env, overwrite)
-    finally:
-        torch.set_num_threads(threads)  # `cfg.threads` applies to this run only
-        cleanup()
 
 
 def build(cfg: MLLMTrainConfig, device: torch.device) -> Tuple[nn.Module, str, Any, Any]:

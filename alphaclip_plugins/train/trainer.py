@@ -19,7 +19,7 @@ from ..core.model import AlphaCLIP
 from ..core.processor import RegionProcessor
 from .checkpointing import Checkpointer, full_state_dicts, load_fsdp_state, resume_run, save_run
 from .config import TrainConfig
-from .distributed import DistEnv, average_grads, barrier, cleanup, is_fsdp, no_grad_sync, setup, wrap
+from .distributed import DistEnv, average_grads, barrier, is_fsdp, no_grad_sync, session, wrap
 from .evaluate import decode_all, retrieval_top1
 from .loader import DataHealth, DataState, data_format, ensure_synthetic, eval_records, make_loader
 from .loss import ContrastiveLoss
@@ -38,13 +38,8 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
         RunDirError: ``output_dir`` holds an earlier run that ``cfg.resume`` does not say to continue
             (see :mod:`.rundir`).
     """
-    env = setup(cfg.device, cfg.distributed.backend)
-    threads = torch.get_num_threads()
-    try:
+    with session(cfg.device, cfg.distributed.backend) as env:
         return _train(cfg, env, overwrite)
-    finally:
-        torch.set_num_threads(threads)  # `cfg.threads` applies to this run only
-        cleanup()
 
 
 def _train(cfg: TrainConfig, env: DistEnv, overwrite: bool) -> Path:
