@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
@@ -37,6 +38,7 @@ def _accelerate(folder, run: str, *flags: str, **over) -> subprocess.CompletedPr
     return subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.distributed
 def test_accelerate_two_cpu_processes_equal_one(llava_dir):
     over = {"steps": 2, "batch_size": 8, **SCALE_SENSITIVE}
     _train(llava_dir, "acc_one", **over)
@@ -44,8 +46,8 @@ def test_accelerate_two_cpu_processes_equal_one(llava_dir):
              "--mixed_precision", "no", "--dynamo_backend", "no"]
     two = _accelerate(llava_dir, "acc_two", *flags, **over)
     assert two.returncode == 0, two.stderr[-3000:]
-    checkpoints = Checkpointer(llava_dir / "acc_two" / "checkpoints")
-    assert checkpoints.read(checkpoints.checkpoints()[-1])[1]["world_size"] == 2  # not one process doing it all
+    state = Checkpointer(llava_dir / "acc_two" / "checkpoints").read_latest()[3]
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2  # not one process doing it all
     one, acc = _trained(llava_dir, "acc_one"), _trained(llava_dir, "acc_two")
     start = read_state_dict(llava_dir / "model" / "model.safetensors")
     assert set(one) == set(acc)
@@ -54,19 +56,34 @@ def test_accelerate_two_cpu_processes_equal_one(llava_dir):
         assert (one[k] - acc[k]).abs().max() < TOL, k
 
 
-def test_launcher_settings_the_run_would_not_follow_are_refused(llava_dir, monkeypatch, capsys):
-    args = [str(llava_dir / "x.yaml")]
+# what accelerate launch puts in the environment for a flag, and what the refusal must name
+REFUSED = {
+    "mixed-precision": ({"ACCELERATE_MIXED_PRECISION": "bf16"}, ["'bf16'", "precision=fp32", "--mixed_precision no",
+                                                                  "set precision=bf16"]),
+    "fp8": ({"ACCELERATE_MIXED_PRECISION": "fp8"}, ["'fp8'", "--mixed_precision no", "fp32 (no), bf16 or fp16"]),
+    "cpu-several-processes": ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, ["--cpu", "--multi_gpu"]),
+    "fsdp": ({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "1"}, ["--use_fsdp", "distributed.strategy=ddp"]),
+    "deepspeed": ({"ACCELERATE_USE_DEEPSPEED": "true"}, ["--use_deepspeed", "no DeepSpeed"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_launcher_settings_the_run_would_not_follow_are_refused(llava_dir, monkeypatch, capsys, case):
+    env, fragments = REFUSED[case]
     (llava_dir / "x.yaml").write_text(yaml.safe_dump(_config(llava_dir, "refused_acc")))
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "'bf16'" in err and "precision=fp32" in err and "--mixed_precision no" in err
-    check_launcher("bf16")  # the same precision on both sides is accepted
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
-    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # accelerate launch --cpu --num_processes 2: one process
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert main(args) == 2
+    for key, value in {"ACCELERATE_MIXED_PRECISION": "no", **env}.items():
+        monkeypatch.setenv(key, value)
+    assert main([str(llava_dir / "x.yaml")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "--cpu" in err and "--multi_gpu" in err
+    assert "\n" not in err and all(f in err for f in fragments), err
     assert not (llava_dir / "refused_acc").exists()  # refused before any work
+
+
+def test_launcher_settings_the_run_follows_are_accepted(monkeypatch):
+    for key, value in {"ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2",
+                       "ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    check_launcher("bf16", "fsdp")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    check_launcher("fp32", "fsdp")

@@ -43,30 +43,42 @@ class LaunchError(ValueError):
 _ACCELERATE_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
-def check_launcher(precision: Optional[str] = None) -> None:
-    """Refuse an ``accelerate launch`` whose settings this run would not follow.
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
 
-    * ``ACCELERATE_MIXED_PRECISION`` differs from the config's ``precision``: the config decides (it is
-      saved with the run and checked on resume), so a different launcher flag is an error, not an override.
+
+def check_launcher(precision: Optional[str] = None, strategy: Optional[str] = None) -> None:
+    """Refuse an ``accelerate launch`` whose settings this run would not follow (the config decides: it is saved
+    with the run and checked on resume, so a different launcher flag is an error, not an override).
+
     * ``--cpu`` with several processes: accelerate starts one process unless it runs under ``mpirun``; neither
       joins a torch process group here, so the run would silently be one process.
+    * ``--mixed_precision`` (``ACCELERATE_MIXED_PRECISION``, ``no`` when not given) differs from ``precision``.
+    * ``--use_fsdp`` with ``distributed.strategy`` other than ``fsdp``; ``--use_deepspeed`` (not offered).
 
     Raises:
-        LaunchError: one of the above, saying which flag to change.
+        LaunchError: one of the above, saying which flag or setting to change.
     """
-    asked = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if precision is not None and asked is not None and _ACCELERATE_PRECISION.get(asked.lower()) != precision:
-        want = {v: k for k, v in _ACCELERATE_PRECISION.items()}.get(precision, precision)
-        raise LaunchError(
-            f"accelerate launch asks for mixed precision {asked!r} (--mixed_precision; 'no' when not given) but the "
-            f"config has precision={precision}: launch with --mixed_precision {want}, or set precision= in the config "
-            f"({', '.join(f'{k} -> {v}' for k, v in _ACCELERATE_PRECISION.items())})")
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if cpu and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+    if _env_flag("ACCELERATE_USE_CPU") and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         raise LaunchError(
             "accelerate launch --cpu with several processes does not start a torch process group (one process, or "
             "mpirun ranks): launch with accelerate launch --multi_gpu --num_processes N (torchrun; gloo on CPU) "
             "or torchrun --nproc_per_node N")
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision is not None and asked is not None and _ACCELERATE_PRECISION.get(asked.lower()) != precision:
+        flag = {v: k for k, v in _ACCELERATE_PRECISION.items()}[precision]
+        ours = _ACCELERATE_PRECISION.get(asked.lower())
+        fix = f"set precision={ours} in the config" if ours else "this trainer runs fp32 (no), bf16 or fp16 only"
+        raise LaunchError(f"accelerate launch asks for mixed precision {asked!r} (--mixed_precision; 'no' when not "
+                          f"given) but the config has precision={precision}: launch with --mixed_precision {flag}, "
+                          f"or {fix}")
+    if strategy is not None and _env_flag("ACCELERATE_USE_FSDP") and strategy != "fsdp":
+        raise LaunchError(f"accelerate launch --use_fsdp but the config has distributed.strategy={strategy}: set "
+                          "distributed.strategy=fsdp (this trainer shards with its own FSDP2 wrapping, accelerate's "
+                          "FSDP options are not read), or launch with --multi_gpu")
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise LaunchError("accelerate launch --use_deepspeed: this trainer has no DeepSpeed; launch with --multi_gpu "
+                          "and distributed.strategy=ddp or fsdp")
 
 
 def setup(device: str = "auto", backend: str = "auto") -> DistEnv:
@@ -91,11 +103,12 @@ def cleanup() -> None:
 
 
 @contextlib.contextmanager
-def session(device: str = "auto", backend: str = "auto", precision: Optional[str] = None) -> Iterator[DistEnv]:
-    """A training run's process setup: :func:`check_launcher` (with the run's ``precision``) and :func:`setup` on
-    entry; on exit the process group is left and torch's CPU thread count restored (a run's ``threads`` setting
+def session(device: str = "auto", backend: str = "auto", precision: Optional[str] = None,
+            strategy: Optional[str] = None) -> Iterator[DistEnv]:
+    """A training run's process setup: :func:`check_launcher` (with the run's ``precision`` and ``strategy``) and
+    :func:`setup` on entry; on exit the process group is left and torch's CPU thread count restored (a run's ``threads`` setting
     applies to that run only)."""
-    check_launcher(precision)
+    check_launcher(precision, strategy)
     threads = torch.get_num_threads()
     try:
         yield setup(device, backend)
