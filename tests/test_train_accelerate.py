@@ -1,5 +1,6 @@
 """``alphaclip train-mllm`` under ``accelerate launch``: 2 CPU processes equal 1 process, and launcher settings the
-run would not follow (another mixed precision, ``--cpu`` with several processes) are refused in one line."""
+run would not follow (another mixed precision, ``--cpu`` with several processes, ``--use_fsdp`` without the fsdp
+strategy, ``--use_deepspeed``) are refused in one line."""
 from __future__ import annotations
 
 import os

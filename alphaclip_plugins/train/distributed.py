@@ -3,7 +3,7 @@
 A process started by ``torchrun`` or ``accelerate launch --multi_gpu`` (``RANK``/``WORLD_SIZE`` in the
 environment; on a CPU-only machine accelerate runs torchrun too, with gloo) joins the process group; a plain
 ``python`` process is rank 0 of 1 and runs the same code without any collective call. The run's config stays
-the one source of its settings: a launcher asking for another mixed precision is refused (:func:`check_launcher`).
+the one source of its settings: launcher flags it would not follow are refused (:func:`check_launcher`).
 """
 from __future__ import annotations
 
@@ -106,8 +106,8 @@ def cleanup() -> None:
 def session(device: str = "auto", backend: str = "auto", precision: Optional[str] = None,
             strategy: Optional[str] = None) -> Iterator[DistEnv]:
     """A training run's process setup: :func:`check_launcher` (with the run's ``precision`` and ``strategy``) and
-    :func:`setup` on entry; on exit the process group is left and torch's CPU thread count restored (a run's ``threads`` setting
-    applies to that run only)."""
+    :func:`setup` on entry; on exit the process group is left and torch's CPU thread count restored (a run's
+    ``threads`` setting applies to that run only)."""
     check_launcher(precision, strategy)
     threads = torch.get_num_threads()
     try:
