@@ -62,6 +62,7 @@ def run_cli(argv: Optional[Sequence[str]], prog: str, what: str, config_class: t
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
     from .data import DataError
+    from .distributed import LaunchError
     from .rundir import RunDirError
 
     try:
@@ -72,7 +73,7 @@ def run_cli(argv: Optional[Sequence[str]], prog: str, what: str, config_class: t
     except DataError as e:
         print(f"{prog}: data error: {e}", file=sys.stderr)
         return 1
-    except setup_errors as e:
+    except (*setup_errors, LaunchError) as e:  # a launcher the run cannot follow, too
         print(f"{prog}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"model written to {target}")

@@ -1,7 +1,9 @@
 """torch.distributed for training: process setup, the feature gather of the contrastive loss, DDP/FSDP wrapping.
 
-A process started by ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment) joins the process group;
-a plain ``python`` process is rank 0 of 1 and runs the same code without any collective call.
+A process started by ``torchrun`` or ``accelerate launch --multi_gpu`` (``RANK``/``WORLD_SIZE`` in the
+environment; on a CPU-only machine accelerate runs torchrun too, with gloo) joins the process group; a plain
+``python`` process is rank 0 of 1 and runs the same code without any collective call. The run's config stays
+the one source of its settings: launcher flags it would not follow are refused (:func:`check_launcher`).
 """
 from __future__ import annotations
 
@@ -33,6 +35,52 @@ class DistEnv:
         return self.rank == 0
 
 
+class LaunchError(ValueError):
+    """The launcher's environment contradicts the run's config, or starts processes this run cannot join."""
+
+
+# accelerate's --mixed_precision (ACCELERATE_MIXED_PRECISION, "no" when the flag is not given) -> our precision
+_ACCELERATE_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def check_launcher(precision: Optional[str] = None, strategy: Optional[str] = None) -> None:
+    """Refuse an ``accelerate launch`` whose settings this run would not follow (the config decides: it is saved
+    with the run and checked on resume, so a different launcher flag is an error, not an override).
+
+    * ``--cpu`` with several processes: accelerate starts one process unless it runs under ``mpirun``; neither
+      joins a torch process group here, so the run would silently be one process.
+    * ``--mixed_precision`` (``ACCELERATE_MIXED_PRECISION``, ``no`` when not given) differs from ``precision``.
+    * ``--use_fsdp`` with ``distributed.strategy`` other than ``fsdp``; ``--use_deepspeed`` (not offered).
+
+    Raises:
+        LaunchError: one of the above, saying which flag or setting to change.
+    """
+    if _env_flag("ACCELERATE_USE_CPU") and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        raise LaunchError(
+            "accelerate launch --cpu with several processes does not start a torch process group (one process, or "
+            "mpirun ranks): launch with accelerate launch --multi_gpu --num_processes N (torchrun; gloo on CPU) "
+            "or torchrun --nproc_per_node N")
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if precision is not None and asked is not None and _ACCELERATE_PRECISION.get(asked.lower()) != precision:
+        flag = {v: k for k, v in _ACCELERATE_PRECISION.items()}[precision]
+        ours = _ACCELERATE_PRECISION.get(asked.lower())
+        fix = f"set precision={ours} in the config" if ours else "this trainer runs fp32 (no), bf16 or fp16 only"
+        raise LaunchError(f"accelerate launch asks for mixed precision {asked!r} (--mixed_precision; 'no' when not "
+                          f"given) but the config has precision={precision}: launch with --mixed_precision {flag}, "
+                          f"or {fix}")
+    if strategy is not None and _env_flag("ACCELERATE_USE_FSDP") and strategy != "fsdp":
+        raise LaunchError(f"accelerate launch --use_fsdp but the config has distributed.strategy={strategy}: set "
+                          "distributed.strategy=fsdp (this trainer shards with its own FSDP2 wrapping, accelerate's "
+                          "FSDP options are not read), or launch with --multi_gpu")
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise LaunchError("accelerate launch --use_deepspeed: this trainer has no DeepSpeed; launch with --multi_gpu "
+                          "and distributed.strategy=ddp or fsdp")
+
+
 def setup(device: str = "auto", backend: str = "auto") -> DistEnv:
     """Join the process group when launched by torchrun, and pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -55,9 +103,12 @@ def cleanup() -> None:
 
 
 @contextlib.contextmanager
-def session(device: str = "auto", backend: str = "auto") -> Iterator[DistEnv]:
-    """A training run's process setup: :func:`setup` on entry; on exit the process group is left and torch's
-    CPU thread count restored (a run's ``threads`` setting applies to that run only)."""
+def session(device: str = "auto", backend: str = "auto", precision: Optional[str] = None,
+            strategy: Optional[str] = None) -> Iterator[DistEnv]:
+    """A training run's process setup: :func:`check_launcher` (with the run's ``precision`` and ``strategy``) and
+    :func:`setup` on entry; on exit the process group is left and torch's CPU thread count restored (a run's
+    ``threads`` setting applies to that run only)."""
+    check_launcher(precision, strategy)
     threads = torch.get_num_threads()
     try:
         yield setup(device, backend)

@@ -44,7 +44,7 @@ def train_mllm(cfg: MLLMTrainConfig, overwrite: bool = False) -> Path:
         RunDirError: ``output_dir`` holds an earlier run that ``cfg.resume`` does not say to continue, or
             ``export.dir`` holds a directory this run did not write (see :mod:`.rundir`, :mod:`.mllm_export`).
     """
-    with session(cfg.device, cfg.distributed.backend) as env:
+    with session(cfg.device, cfg.distributed.backend, cfg.precision, cfg.distributed.strategy) as env:
         return _train(cfg, env, overwrite)
 
 

@@ -38,7 +38,7 @@ def train(cfg: TrainConfig, overwrite: bool = False) -> Path:
         RunDirError: ``output_dir`` holds an earlier run that ``cfg.resume`` does not say to continue
             (see :mod:`.rundir`).
     """
-    with session(cfg.device, cfg.distributed.backend) as env:
+    with session(cfg.device, cfg.distributed.backend, cfg.precision, cfg.distributed.strategy) as env:
         return _train(cfg, env, overwrite)
 
 
