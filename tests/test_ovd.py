@@ -577,3 +577,52 @@ def test_scorer_defaults_to_the_backbones_architecture_and_weights(tmp_path, cli
     scorer = build_model(d2).rescorer.scorer.model
     assert torch.equal(scorer.visual.conv1_alpha.weight, tower.visual.conv1_alpha.weight)
     assert torch.equal(scorer.token_embedding.weight, clip.token_embedding.weight)
+
+
+# --- 6. crop re-scoring (the usual CLIP way), the comparison row of the open-vocabulary benchmark ------------
+def test_crop_mode_scores_each_box_cropped_with_whole_image_alpha(clip_dir):
+    import numpy as np
+
+    from alphaclip_plugins import from_pretrained
+    from alphaclip_plugins.core.alpha import ALPHA_FOREGROUND
+    from alphaclip_plugins.detection.rescore import RegionScorer, crop_region
+
+    model = from_pretrained(clip_dir).eval()
+    crop = RegionScorer(model, OLD, templates="clip", batch_size=3, region_mode="crop")
+    alpha = RegionScorer(model, OLD, templates="clip", batch_size=3)
+    scenes = _scenes()
+    got = crop.score_batch([s[0] for s in scenes], [s[1] for s in scenes])
+    scale, weights = model.logit_scale.exp(), crop.weights.T
+    for (image, boxes), probs in zip(scenes, got):
+        for box, p in zip(boxes, probs):
+            x0, y0, x1, y1 = (int(v) for v in box)
+            px, _ = crop.processor.pixels(image[:, y0:y1, x0:x1])  # the box's own pixels, seen whole
+            with torch.no_grad():
+                feats = model.encode_image(px, torch.full((1, 1, *px.shape[-2:]), ALPHA_FOREGROUND))
+            ref = (scale * torch.nn.functional.normalize(feats, dim=-1) @ weights).softmax(-1)[0]
+            assert (p - ref).abs().max() < 1e-5
+        assert not torch.allclose(probs, alpha(image, boxes), atol=1e-3)  # not the alpha mode's answer
+    image = scenes[0][0]
+    mask = np.zeros(image.shape[-2:], bool)
+    mask[5:20, 7:30] = True
+    mask[12, 40] = True  # a stray pixel widens the bounding box
+    assert crop_region(image, mask).shape == (3, 15, 34)
+    assert torch.equal(crop_region(image, mask), image[:, 5:20, 7:41])
+    with pytest.raises(ValueError, match="covers no pixel"):
+        crop_region(image, np.zeros(image.shape[-2:], bool))
+    with pytest.raises(ValueError, match="'alpha' .* or 'crop'"):
+        RegionScorer(model, OLD, region_mode="box")
+
+
+def test_both_frameworks_pass_the_crop_mode_to_the_scorer(tmp_path, clip_dir):
+    cfg = _mmdet_ov_cfg(tmp_path, clip_dir)
+    assert _build_mmdet(cfg).region_scorer.rescorer.scorer.region_mode == "alpha"
+    cfg.model.region_scorer.mode = "crop"
+    assert _build_mmdet(cfg).region_scorer.rescorer.scorer.region_mode == "crop"
+
+    import_or_skip("detectron2", allow_missing=True)  # not on PyPI: skips even under CI
+    from detectron2.modeling import build_model
+
+    d2 = _d2_ov_cfg(tmp_path, clip_dir, "unused")
+    d2.MODEL.ALPHACLIP.RESCORE_MODE = "crop"
+    assert build_model(d2).rescorer.scorer.region_mode == "crop"
