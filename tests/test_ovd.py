@@ -2,7 +2,6 @@
 weights_only, alpha padding, the vocabulary swap, the frozen scorer outside DDP and checkpoints, re-scoring."""
 from __future__ import annotations
 
-import os
 import pickle
 
 import pytest
@@ -375,61 +374,6 @@ def test_detectron2_scorer_is_frozen_and_outside_the_state_dict(tmp_path, clip_d
     assert not any(p.requires_grad for p in clip.parameters())
     model.half()
     assert clip.logit_scale.dtype == torch.float16
-
-
-def test_open_vocab_config_trains_on_two_processes_with_mmdets_train_script(tmp_path, clip_dir):
-    import json
-    import math
-    import socket
-    import subprocess
-    import sys
-
-    import mmdet
-
-    from test_vitdet import CLASSES, ROOT, synthetic_coco
-
-    data = synthetic_coco(tmp_path / "coco")
-    cfg = _mmdet_ov_cfg(tmp_path, clip_dir)
-    names = list(CLASSES)
-    cfg.model.roi_head.bbox_head.num_classes = len(names)
-    cfg.model.roi_head.bbox_head.cls_predictor_cfg.class_names = names
-    cfg.model.region_scorer.labels = names
-    cfg.model.region_scorer.novel_classes = []
-    pipeline = cfg.train_dataloader.dataset.pipeline
-    next(t for t in pipeline if t.type == "Resize").scale = (128, 128)
-    cfg.train_dataloader.update(batch_size=2, num_workers=0, persistent_workers=False, dataset=dict(
-        data_root=str(data.parent), ann_file=data.name, data_prefix=dict(img="img/"), metainfo=dict(classes=names),
-        filter_cfg=dict(filter_empty_gt=True, min_size=8), pipeline=pipeline))
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=3, val_interval=1000)
-    cfg.param_scheduler = []
-    for key in ("val_dataloader", "val_cfg", "val_evaluator", "test_dataloader", "test_cfg", "test_evaluator"):
-        cfg[key] = None
-    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
-    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=3)
-    cfg.log_processor = dict(by_epoch=False)
-    cfg.env_cfg.dist_cfg = dict(backend="gloo")
-    cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None)  # CPU modules
-    cfg.dump(str(tmp_path / "ov_ddp.py"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    train_py = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "tools", "train.py")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         str(ROOT / "tests" / "cpu_dist_launch.py"), train_py, str(tmp_path / "ov_ddp.py"), "--launcher", "pytorch", "--work-dir", str(tmp_path / "work")],
-        env=env, capture_output=True, text=True, timeout=600)
-    log = f"exit status {run.returncode}\n" + run.stdout[-3000:] + run.stderr[-5000:]
-    assert run.returncode == 0, log
-    assert "Expected to have finished reduction" not in log
-    (scalars,) = (tmp_path / "work").glob("*/vis_data/scalars.json")
-    losses = [json.loads(line)["loss"] for line in scalars.read_text().splitlines() if "loss" in line]
-    assert len(losses) == 3 and all(math.isfinite(v) for v in losses), f"losses {losses}\n{log}"
-    ckpt = torch.load(tmp_path / "work" / "iter_3.pth", map_location="cpu", weights_only=True)
-    assert not [k for k in ckpt["state_dict"] if k.startswith("region_scorer.")]
-    assert "roi_head.bbox_head.fc_cls.text_embeddings" in ckpt["state_dict"]
 
 
 # --- 5. re-scoring: batched across images, top-k first, then fusion, sort, threshold and cut ---------------------

@@ -28,3 +28,10 @@ model = dict(
                        text_checkpoint='checkpoints/ViT-B-16.pt', novel_classes=novel_classes,
                        alpha_base=0.35, beta_novel=0.65, topk=100),
 )
+
+# The datasets (hence CocoMetric's category ids and the checkpoint's dataset_meta) name the head's classes,
+# in its label order; CocoDataset's default is COCO's 80 classes, whose 10th is not 'dog'.
+metainfo = dict(classes=classes)
+train_dataloader = dict(dataset=dict(metainfo=metainfo))
+val_dataloader = dict(dataset=dict(metainfo=metainfo))
+test_dataloader = val_dataloader
