@@ -83,7 +83,8 @@ def _dataset(cfg, root: Path, ann: Path, split: str, classes: Sequence[str], pip
                        metainfo=dict(classes=tuple(classes)), pipeline=pipeline)
 
 
-def configs(work: Path, files: Dict[str, Path], base: List[str], names: List[str], iters: int, batch: int) -> tuple:
+def configs(work: Path, files: Dict[str, Path], base: List[str], names: List[str], iters: int, batch: int,
+            frozen: bool = False, logit_scale: float = 50.0) -> tuple:
     """The shipped OV config with the tiny-backbone overrides: ``(train config, test config)`` paths."""
     from mmengine.config import Config, ConfigDict
 
@@ -92,11 +93,13 @@ def configs(work: Path, files: Dict[str, Path], base: List[str], names: List[str
     cfg = Config.fromfile(str(CONFIG))
     arch = json.loads((DEFAULT_MODEL_DIR / "alphaclip_config.json").read_text())["config"]["vision"]
     m = cfg.model
-    m.backbone.update(arch="tiny", init_cfg=dict(type="Pretrained", checkpoint=str(DEFAULT_MODEL_DIR)),
+    # the tower fine-tunes (lr x 0.1, the config's) unless frozen: the scorer is a separate frozen copy
+    m.backbone.update(arch="tiny", frozen=frozen, init_cfg=dict(type="Pretrained", checkpoint=str(DEFAULT_MODEL_DIR)),
                       **{k: arch[k] for k in ("image_size", "layers", "heads", "embed_dim")})
     # a stride-8 map (patch 8): strides 4, 8, 16 from it, 32 and 64 pooled, as the RPN's anchors expect
     m.neck.update(in_channels=arch["width"], out_channels=64, scale_factors=(2.0, 1.0, 0.5), in_stride=8)
     m.rpn_head.update(in_channels=64, feat_channels=64)
+    m.rpn_head.anchor_generator.scales = [4]  # anchors of 16-256 px: the shapes are 19-43 px
     m.roi_head.bbox_roi_extractor.update(out_channels=64, roi_layer=dict(type="RoIAlign", output_size=7,
                                                                          sampling_ratio=2))
     # a few shapes per image: fewer proposals and sampled RoIs than COCO's defaults (RoIAlign dominates on CPU)
@@ -106,7 +109,7 @@ def configs(work: Path, files: Dict[str, Path], base: List[str], names: List[str
     head = m.roi_head.bbox_head
     head.update(in_channels=64, fc_out_channels=256, num_classes=len(base))
     head.cls_predictor_cfg.update(text_embeddings=str(work / "text_base.safetensors"), class_names=base,
-                                  clip="default")
+                                  clip="default", logit_scale=logit_scale)
     m.region_scorer = None  # the scorer is frozen and plays no part in training
     for t in cfg.train_pipeline + cfg.test_pipeline:
         if t.type == "Resize":
@@ -191,6 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--frozen", action="store_true", help="freeze the backbone (F-VLM); default: fine-tune it")
+    p.add_argument("--logit-scale", type=float, default=50.0, help="the zero-shot classifier's inverse temperature")
     a = p.parse_args(argv)
     from alphaclip_plugins.train.synthetic import labels
 
@@ -201,7 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     t0 = time.time()
     files = write_split(work, "train", a.train_images, 2000, {"train": base})
     files.update(write_split(work, "val", a.val_images, 3000, {"val_novel": NOVEL, "val_base": base}))
-    train_cfg, test_cfg = configs(work, files, base, names, a.iters, a.batch)
+    train_cfg, test_cfg = configs(work, files, base, names, a.iters, a.batch, a.frozen,
+                                   a.logit_scale)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS=str(a.threads))
     _tool("train", str(train_cfg), "--work-dir", str(work / "train_run"), env=env)
