@@ -191,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--work-dir", default="work_dirs/ovd_shapes")
     p.add_argument("--train-images", type=int, default=400)
     p.add_argument("--val-images", type=int, default=100)
-    p.add_argument("--iters", type=int, default=1000)
+    p.add_argument("--iters", type=int, default=800)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--frozen", action="store_true", help="freeze the backbone (F-VLM); default: fine-tune it")
