@@ -1,6 +1,6 @@
 """Open-vocabulary detection on CPU: base-class training, novel-class AP, with and without Alpha-CLIP re-scoring.
 
-    nice -n 5 python benchmarks/ovd_shapes.py            # about 10 min on 2 CPU cores; prints a Markdown table
+    nice -n 5 python benchmarks/ovd_shapes.py     # prints a Markdown table; reuses a finished training
 
 The world is the embedded model's (``alphaclip_plugins/assets/tiny-shapes``): 20 classes, colour x shape.
 Five of them are *novel*, one per colour and each sharing its shape with base classes (``NOVEL``); the
@@ -14,14 +14,18 @@ textured shapes of 20-45 % of the short side, boxes and masks) written as COCO i
   detector predicts over all 20 (the generalised setting).
 
 The detector is ``configs/mmdet/ov-faster-rcnn_alphaclip-vit-b16_sfp_1x_coco.py`` with config overrides:
-the embedded model's vision tower as the frozen backbone (patch 8, stride-8 map, pyramid strides 4-64),
-small heads, its classifier the embedded model's text embeddings of the 15 base names. It trains through
-mmdet's own ``tools/train.py``. The checkpoint then gets the 20-class vocabulary
+the embedded model's vision tower as the backbone (fine-tuned at the config's lr x 0.1; ``--frozen`` keeps
+it frozen), patch 8, a stride-8 map, pyramid strides 4-64, 16 px anchors, small heads, its classifier the
+embedded model's text embeddings of the 15 base names. It trains through mmdet's own ``tools/train.py``. The checkpoint then gets the 20-class vocabulary
 (``integrations.mmdet.set_vocabulary``) and each row is one ``tools/test.py`` run with ``CocoMetric``:
 
 * no re-scoring: the zero-shot classifier alone;
 * crop re-scoring: each box cropped and seen whole by the embedded model (the usual CLIP approach);
 * Alpha-CLIP re-scoring: the whole image with each box as alpha, same model, same fusion.
+
+Both re-scoring rows score the head's best ``--rescore-topk`` (1000) (box, class) pairs per image, so every
+class of each kept box is re-scored (as ViLD does); the fused scores are then thresholded (0.05) and cut
+(100 per image) as the config's ``test_cfg`` says.
 
 Everything is synthetic and tiny (a 4-block, width-64 ViT; ~12 minutes of CPU training for the scorer);
 the numbers show the mechanism, not what a B/16 detector reaches on LVIS or COCO.
