@@ -35,10 +35,10 @@ def _port() -> str:
         return str(s.getsockname()[1])
 
 
-def run_tool(script: Path, *args: str, nproc: int = 1, timeout: int = 600) -> str:
+def run_tool(script: Path, *args: str, nproc: int = 1, timeout: int = 600, **extra_env: str) -> str:
     """Run a framework's script in a fresh process (``nproc`` > 1: under ``torch.distributed.run`` on CPU);
     returns its log, after asserting that it exited cleanly."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+    env = dict(os.environ, **extra_env, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # checkpoints must load under torch's default
     cmd = [sys.executable, str(script), *args]
@@ -178,8 +178,8 @@ def _d2_tools() -> Path:
 
 
 def _d2_run(script: Path, coco: Path, *args: str) -> str:
-    os.environ["ALPHACLIP_TEST_COCO"] = f"alphaclip_tools_coco,{coco},{coco.parent / 'img'}"
-    return run_tool(ROOT / "tests" / "d2_tool_launch.py", str(script), *args)
+    return run_tool(ROOT / "tests" / "d2_tool_launch.py", str(script), *args,
+                    ALPHACLIP_TEST_COCO=f"alphaclip_tools_coco,{coco},{coco.parent / 'img'}")
 
 
 def _d2_results(log: str) -> None:
