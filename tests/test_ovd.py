@@ -2,7 +2,6 @@
 weights_only, alpha padding, the vocabulary swap, the frozen scorer outside DDP and checkpoints, re-scoring."""
 from __future__ import annotations
 
-import os
 import pickle
 
 import pytest
@@ -377,61 +376,6 @@ def test_detectron2_scorer_is_frozen_and_outside_the_state_dict(tmp_path, clip_d
     assert clip.logit_scale.dtype == torch.float16
 
 
-def test_open_vocab_config_trains_on_two_processes_with_mmdets_train_script(tmp_path, clip_dir):
-    import json
-    import math
-    import socket
-    import subprocess
-    import sys
-
-    import mmdet
-
-    from test_vitdet import CLASSES, ROOT, synthetic_coco
-
-    data = synthetic_coco(tmp_path / "coco")
-    cfg = _mmdet_ov_cfg(tmp_path, clip_dir)
-    names = list(CLASSES)
-    cfg.model.roi_head.bbox_head.num_classes = len(names)
-    cfg.model.roi_head.bbox_head.cls_predictor_cfg.class_names = names
-    cfg.model.region_scorer.labels = names
-    cfg.model.region_scorer.novel_classes = []
-    pipeline = cfg.train_dataloader.dataset.pipeline
-    next(t for t in pipeline if t.type == "Resize").scale = (128, 128)
-    cfg.train_dataloader.update(batch_size=2, num_workers=0, persistent_workers=False, dataset=dict(
-        data_root=str(data.parent), ann_file=data.name, data_prefix=dict(img="img/"), metainfo=dict(classes=names),
-        filter_cfg=dict(filter_empty_gt=True, min_size=8), pipeline=pipeline))
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=3, val_interval=1000)
-    cfg.param_scheduler = []
-    for key in ("val_dataloader", "val_cfg", "val_evaluator", "test_dataloader", "test_cfg", "test_evaluator"):
-        cfg[key] = None
-    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
-    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=3)
-    cfg.log_processor = dict(by_epoch=False)
-    cfg.env_cfg.dist_cfg = dict(backend="gloo")
-    cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None)  # CPU modules
-    cfg.dump(str(tmp_path / "ov_ddp.py"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    train_py = os.path.join(os.path.dirname(mmdet.__file__), ".mim", "tools", "train.py")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         str(ROOT / "tests" / "cpu_dist_launch.py"), train_py, str(tmp_path / "ov_ddp.py"), "--launcher", "pytorch", "--work-dir", str(tmp_path / "work")],
-        env=env, capture_output=True, text=True, timeout=600)
-    log = f"exit status {run.returncode}\n" + run.stdout[-3000:] + run.stderr[-5000:]
-    assert run.returncode == 0, log
-    assert "Expected to have finished reduction" not in log
-    (scalars,) = (tmp_path / "work").glob("*/vis_data/scalars.json")
-    losses = [json.loads(line)["loss"] for line in scalars.read_text().splitlines() if "loss" in line]
-    assert len(losses) == 3 and all(math.isfinite(v) for v in losses), f"losses {losses}\n{log}"
-    ckpt = torch.load(tmp_path / "work" / "iter_3.pth", map_location="cpu", weights_only=True)
-    assert not [k for k in ckpt["state_dict"] if k.startswith("region_scorer.")]
-    assert "roi_head.bbox_head.fc_cls.text_embeddings" in ckpt["state_dict"]
-
-
 # --- 5. re-scoring: batched across images, top-k first, then fusion, sort, threshold and cut ---------------------
 def _scenes(count: int = 3):
     import numpy as np
@@ -577,3 +521,52 @@ def test_scorer_defaults_to_the_backbones_architecture_and_weights(tmp_path, cli
     scorer = build_model(d2).rescorer.scorer.model
     assert torch.equal(scorer.visual.conv1_alpha.weight, tower.visual.conv1_alpha.weight)
     assert torch.equal(scorer.token_embedding.weight, clip.token_embedding.weight)
+
+
+# --- 6. crop re-scoring (the usual CLIP way), the comparison row of the open-vocabulary benchmark ------------
+def test_crop_mode_scores_each_box_cropped_with_whole_image_alpha(clip_dir):
+    import numpy as np
+
+    from alphaclip_plugins import from_pretrained
+    from alphaclip_plugins.core.alpha import ALPHA_FOREGROUND
+    from alphaclip_plugins.detection.rescore import RegionScorer, crop_region
+
+    model = from_pretrained(clip_dir).eval()
+    crop = RegionScorer(model, OLD, templates="clip", batch_size=3, region_mode="crop")
+    alpha = RegionScorer(model, OLD, templates="clip", batch_size=3)
+    scenes = _scenes()
+    got = crop.score_batch([s[0] for s in scenes], [s[1] for s in scenes])
+    scale, weights = model.logit_scale.exp(), crop.weights.T
+    for (image, boxes), probs in zip(scenes, got):
+        for box, p in zip(boxes, probs):
+            x0, y0, x1, y1 = (int(v) for v in box)
+            px, _ = crop.processor.pixels(image[:, y0:y1, x0:x1])  # the box's own pixels, seen whole
+            with torch.no_grad():
+                feats = model.encode_image(px, torch.full((1, 1, *px.shape[-2:]), ALPHA_FOREGROUND))
+            ref = (scale * torch.nn.functional.normalize(feats, dim=-1) @ weights).softmax(-1)[0]
+            assert (p - ref).abs().max() < 1e-5
+        assert not torch.allclose(probs, alpha(image, boxes), atol=1e-3)  # not the alpha mode's answer
+    image = scenes[0][0]
+    mask = np.zeros(image.shape[-2:], bool)
+    mask[5:20, 7:30] = True
+    mask[12, 40] = True  # a stray pixel widens the bounding box
+    assert crop_region(image, mask).shape == (3, 15, 34)
+    assert torch.equal(crop_region(image, mask), image[:, 5:20, 7:41])
+    with pytest.raises(ValueError, match="covers no pixel"):
+        crop_region(image, np.zeros(image.shape[-2:], bool))
+    with pytest.raises(ValueError, match="'alpha' .* or 'crop'"):
+        RegionScorer(model, OLD, region_mode="box")
+
+
+def test_both_frameworks_pass_the_crop_mode_to_the_scorer(tmp_path, clip_dir):
+    cfg = _mmdet_ov_cfg(tmp_path, clip_dir)
+    assert _build_mmdet(cfg).region_scorer.rescorer.scorer.region_mode == "alpha"
+    cfg.model.region_scorer.mode = "crop"
+    assert _build_mmdet(cfg).region_scorer.rescorer.scorer.region_mode == "crop"
+
+    import_or_skip("detectron2", allow_missing=True)  # not on PyPI: skips even under CI
+    from detectron2.modeling import build_model
+
+    d2 = _d2_ov_cfg(tmp_path, clip_dir, "unused")
+    d2.MODEL.ALPHACLIP.RESCORE_MODE = "crop"
+    assert build_model(d2).rescorer.scorer.region_mode == "crop"

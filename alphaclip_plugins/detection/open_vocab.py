@@ -22,9 +22,11 @@ from torch import nn
 from ..core.factory import resolve_model
 from ..core.io import CheckpointError
 from ..core.zeroshot import Templates, load_text_embeddings, save_text_embeddings
-from .rescore import DetectionRescorer, RegionScorer, Rescored, clip_boxes, fuse_detections, fuse_scores
+from .rescore import (
+    DetectionRescorer, RegionMode, RegionScorer, Rescored, clip_boxes, crop_region, fuse_detections, fuse_scores,
+)
 
-__all__ = ["DetectionRescorer", "RegionScorer", "Rescored", "ZeroShotClassifier", "backbone_clip_spec", "scorer_model",
+__all__ = ["DetectionRescorer", "RegionMode", "RegionScorer", "Rescored", "crop_region", "ZeroShotClassifier", "backbone_clip_spec", "scorer_model",
            "cached_text_embeddings",
            "clip_boxes", "fuse_detections", "fuse_scores", "swap_classifier_vocabulary", "swap_vocabulary"]
 

@@ -1,6 +1,8 @@
 """Alpha-CLIP re-scoring of detections (ViLD / F-VLM style), framework-free.
 
-Cost: every region is one pass through the ViT (its alpha changes the patch embedding), so the work is
+Two ways to show the scorer a region (``region_mode``): ``"alpha"`` (Alpha-CLIP: the whole image, the
+region as alpha) and ``"crop"`` (the usual CLIP approach, for comparison: the region's bounding box cut
+out of the image, seen whole). Cost: every region is one pass through the ViT (its alpha changes the patch embedding), so the work is
 bounded first: the detector's top ``topk`` detections per image are kept, their regions are encoded in
 batches across all the images of a batch (the RGB patch embedding is computed once per image), then the
 scores are fused, sorted, thresholded and cut to ``max_per_img``, in that order.
@@ -8,12 +10,14 @@ scores are fused, sorted, thresholded and cut to ``max_per_img``, in that order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Literal, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..core.processor import Mode, RegionProcessor
+from ..core.processor import Mode, RegionProcessor, image_to_tensor
+from ..core.regions import region_mask
 from ..core.vision import VisionTransformer, prepare_alpha
 from ..core.zeroshot import Templates, text_classifier
 
@@ -57,6 +61,25 @@ def encode_regions(visual: VisionTransformer, rgb: torch.Tensor, index: torch.Te
     return visual.encode_grid(grid)
 
 
+RegionMode = Literal["alpha", "crop"]
+
+
+def crop_region(image: torch.Tensor, region: Any) -> torch.Tensor:
+    """The bounding box of ``region`` (a box, mask, polygon...) cut out of ``image [3, H, W]``: ``[3, h, w]``.
+
+    Raises:
+        ValueError: the region covers no pixel of the image.
+    """
+    H, W = image.shape[-2:]
+    mask = region_mask(region, H, W)
+    if mask is None:
+        return image
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        raise ValueError(f"the region covers no pixel of the {W}x{H} image; pass a region with pixels inside")
+    return image[:, int(ys.min()) : int(ys.max()) + 1, int(xs.min()) : int(xs.max()) + 1]
+
+
 class RegionScorer:
     """Score regions of images against a vocabulary with Alpha-CLIP.
 
@@ -68,13 +91,20 @@ class RegionScorer:
         templates: prompt set (``"ovseg"``, ``"clip"`` or a list of ``"... {} ..."``).
         mode: geometry of the full image and its alpha (pad-to-square keeps every box inside).
         batch_size: regions encoded per forward, across images.
+        region_mode: ``"alpha"``: the whole image with the region as alpha (Alpha-CLIP); ``"crop"``: the
+            region's bounding box cropped and seen whole (alpha everywhere foreground), the usual CLIP
+            re-scoring, same model.
     """
 
     def __init__(
         self, model: nn.Module, labels: Sequence[str], templates: Templates = "ovseg", mode: Mode = "pad",
-        batch_size: int = 64,
+        batch_size: int = 64, region_mode: RegionMode = "alpha",
     ):
+        if region_mode not in ("alpha", "crop"):
+            raise ValueError(f"region_mode must be 'alpha' (region as alpha) or 'crop' (region cropped); "
+                             f"got {region_mode!r}")
         self.model, self.templates, self.batch_size = model, templates, batch_size
+        self.region_mode = region_mode
         self.processor = RegionProcessor(model.visual.cfg.image_size, mode)
         self.set_vocabulary(labels)
 
@@ -92,14 +122,7 @@ class RegionScorer:
         """Probabilities ``[N_i, K]`` for the N_i regions of each image; all regions share the forwards."""
         device = self.model.logit_scale.device
         visual = self.model.visual
-        index, alphas, pixels = [], [], []
-        for i, (image, rs) in enumerate(zip(images, regions)):
-            if len(rs) == 0:
-                continue
-            px, size = self.processor.pixels(image)
-            pixels.append(px)
-            alphas.append(self.processor.alphas(list(rs), size))
-            index += [len(pixels) - 1] * len(rs)
+        index, alphas, pixels = self._inputs(images, regions)
         counts = [len(rs) for rs in regions]
         if not pixels:
             return [torch.empty(0, len(self.labels)) for _ in counts]
@@ -113,6 +136,29 @@ class RegionScorer:
                                    alpha[s : s + self.batch_size].to(device)).float()
             out.append((scale * torch.nn.functional.normalize(feats, dim=-1) @ weights).softmax(-1))
         return list(torch.cat(out).cpu().split(counts))
+
+    def _inputs(self, images: Sequence[Any], regions: Sequence[Sequence[Any]]) -> Tuple[list, list, list]:
+        """``(image index [R], alphas, pixels)``: in alpha mode one pixel tensor per image and the regions as
+        alpha; in crop mode one pixel tensor per region (its crop) with whole-image alpha."""
+        index: list = []
+        alphas: list = []
+        pixels: list = []
+        for image, rs in zip(images, regions):
+            if len(rs) == 0:
+                continue
+            if self.region_mode == "alpha":
+                px, size = self.processor.pixels(image)
+                pixels.append(px)
+                alphas.append(self.processor.alphas(list(rs), size))
+                index += [len(pixels) - 1] * len(rs)
+                continue
+            full = image_to_tensor(image, self.processor.max_pixels)
+            for r in rs:
+                px, size = self.processor.pixels(crop_region(full, r))
+                pixels.append(px)
+                alphas.append(self.processor.alphas([None], size))
+                index.append(len(pixels) - 1)
+        return index, alphas, pixels
 
 
 def clip_boxes(boxes: torch.Tensor, height: int, width: int) -> list:

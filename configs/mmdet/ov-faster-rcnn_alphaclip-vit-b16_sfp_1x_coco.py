@@ -29,10 +29,12 @@ model = dict(
                        alpha_base=0.35, beta_novel=0.65, topk=100),
 )
 
-# Train on the base classes only: AlphaCocoDataset drops the annotations of `novel_classes` (labels keep their
-# index among `classes`); the test set keeps every class. It also delivers images[i]['alpha_prompt'] of the
-# COCO JSON to AddAlphaChannel(source='prompt').
-train_dataloader = dict(dataset=dict(type='AlphaCocoDataset', metainfo=dict(classes=classes),
-                                     novel_classes=novel_classes))
-val_dataloader = dict(dataset=dict(type='AlphaCocoDataset', metainfo=dict(classes=classes)))
+# The datasets (hence CocoMetric's category ids and the checkpoint's dataset_meta) name the head's classes,
+# in its label order; CocoDataset's default is COCO's 80 classes, whose 10th is not 'dog'. Train on the base
+# classes only: AlphaCocoDataset drops the annotations of `novel_classes` (labels keep their index among
+# `classes`); the test set keeps every class. It also delivers images[i]['alpha_prompt'] of the COCO JSON to
+# AddAlphaChannel(source='prompt').
+metainfo = dict(classes=classes)
+train_dataloader = dict(dataset=dict(type='AlphaCocoDataset', metainfo=metainfo, novel_classes=novel_classes))
+val_dataloader = dict(dataset=dict(type='AlphaCocoDataset', metainfo=metainfo))
 test_dataloader = val_dataloader

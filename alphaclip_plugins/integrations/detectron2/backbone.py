@@ -125,6 +125,7 @@ def add_alphaclip_config(cfg: CN) -> CN:
     a.NOVEL_CLASSES = []
     a.ALPHA_BASE = 0.35  # weight of Alpha-CLIP in the geometric mean, base classes
     a.BETA_NOVEL = 0.65  # the same, novel classes
+    a.RESCORE_MODE = "alpha"  # "alpha": whole image, box as alpha; "crop": the box cropped (plain CLIP way)
     a.RESCORE_TOPK = 100  # detections per image re-scored; ROI_HEADS.SCORE_THRESH_TEST / TEST.DETECTIONS_PER_IMAGE
     #                       then apply to the fused scores
     cfg.INPUT.ALPHA_SOURCE = "whole"  # "whole", "gt_boxes", "gt_masks" or "prompt" (dataset_dict["alpha_prompt"])

@@ -57,7 +57,8 @@ class AlphaGeneralizedRCNN(GeneralizedRCNN):
         ret = super().from_config(cfg)
         a = cfg.MODEL.get("ALPHACLIP")
         if a is not None and a.RESCORE:
-            scorer = RegionScorer(scorer_model(clip_spec(cfg)), a.CLASS_NAMES, a.TEMPLATES)
+            scorer = RegionScorer(scorer_model(clip_spec(cfg)), a.CLASS_NAMES, a.TEMPLATES,
+                                  region_mode=a.RESCORE_MODE)
             ret["rescorer"] = DetectionRescorer(scorer, a.NOVEL_CLASSES, a.ALPHA_BASE, a.BETA_NOVEL, topk=a.RESCORE_TOPK)
         return ret
 

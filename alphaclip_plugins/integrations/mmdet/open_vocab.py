@@ -13,7 +13,7 @@ from mmengine.visualization import Visualizer
 from torch import nn
 
 from ...detection.open_vocab import (
-    DetectionRescorer, RegionScorer, ZeroShotClassifier, backbone_clip_spec, scorer_model, swap_vocabulary,
+    DetectionRescorer, RegionMode, RegionScorer, ZeroShotClassifier, backbone_clip_spec, scorer_model, swap_vocabulary,
 )
 from ...detection.rescore import select_rescored
 from .data import denormalize_rgb
@@ -56,13 +56,15 @@ class AlphaCLIPRegionScorer(nn.Module):
             ``max_per_img`` then apply to the fused scores.
         batch_size: regions per forward, across the images of a batch.
         use_masks: score predicted masks instead of boxes when the detector has them.
+        mode: ``"alpha"``: the whole image with each region as alpha (Alpha-CLIP); ``"crop"``: each box
+            cropped and seen whole (the usual CLIP re-scoring, for comparison).
         backbone: ``backbone_clip_spec`` arguments, set by the detector from its backbone config.
     """
 
     def __init__(self, labels: Sequence[str], clip: Any = "backbone", templates: Any = "ovseg",
                  novel_classes: Sequence[str] = (), alpha_base: float = 0.35, beta_novel: float = 0.65,
                  topk: int = 100, batch_size: int = 64, use_masks: bool = False,
-                 text_checkpoint: Optional[str] = None, backbone: Optional[dict] = None):
+                 text_checkpoint: Optional[str] = None, backbone: Optional[dict] = None, mode: RegionMode = "alpha"):
         super().__init__()
         if clip == "backbone":
             if backbone is None:
@@ -71,7 +73,8 @@ class AlphaCLIPRegionScorer(nn.Module):
             clip = backbone_clip_spec(text_checkpoint=text_checkpoint, **backbone)
         model = scorer_model(clip)
         self.__dict__["clip"] = model  # not a submodule: no parameters, no state_dict entries
-        self.rescorer = DetectionRescorer(RegionScorer(model, labels, templates, batch_size=batch_size),
+        self.rescorer = DetectionRescorer(RegionScorer(model, labels, templates, batch_size=batch_size,
+                                                       region_mode=mode),
                                           novel_classes, alpha_base, beta_novel, topk=topk)
         self.use_masks = use_masks
         self._register_load_state_dict_pre_hook(self._drop_saved_clip)
