@@ -79,15 +79,90 @@ def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _portable_weights(folder: Path) -> None:
+    """Rename a LLaVA's saved weights to the layout every transformers release reads (``compat.portable_key``)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ..integrations.hf.compat import portable_key
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(_read_json(index)["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    for name in files:
+        with safe_open(str(folder / name), "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(str(folder / name))
+        save_file({portable_key(k): v for k, v in tensors.items()}, str(folder / name), metadata=metadata)
+    if index.is_file():
+        table = _read_json(index)
+        table["weight_map"] = {portable_key(k): v for k, v in table["weight_map"].items()}
+        _write_json(index, table)
+
+
+def _portable_files(folder: Path) -> None:
+    """Make the config, tokenizer and processor files that 5.x writes readable by 4.37-4.57 as well.
+
+    * ``tokenizer_class``: 5.x's generic ``TokenizersBackend`` is ``PreTrainedTokenizerFast`` on every release;
+      a chat template saved beside it (``chat_template.jinja``) also goes into ``tokenizer_config.json``
+      (4.37 reads it there only), and a list of ``extra_special_tokens`` becomes ``additional_special_tokens``;
+    * ``preprocessor_config.json``: the image processor alone, which 4.x's ``AutoProcessor`` loads (5.x nests it
+      in ``processor_config.json``);
+    * the LM's ``rope_theta`` (4.x) beside 5.x's ``rope_parameters``.
+    """
+    tok_path = folder / "tokenizer_config.json"
+    if tok_path.is_file():
+        tok = _read_json(tok_path)
+        if tok.get("tokenizer_class") == "TokenizersBackend":
+            tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if "chat_template" not in tok and (folder / "chat_template.jinja").is_file():
+            tok["chat_template"] = (folder / "chat_template.jinja").read_text()
+        if isinstance(tok.get("extra_special_tokens"), list):
+            extra = tok.pop("extra_special_tokens")
+            tok["additional_special_tokens"] = list(dict.fromkeys(tok.get("additional_special_tokens", []) + extra))
+        _write_json(tok_path, tok)
+    proc_path, image_path = folder / "processor_config.json", folder / "preprocessor_config.json"
+    if proc_path.is_file() and not image_path.is_file():
+        nested = _read_json(proc_path).get("image_processor")
+        if isinstance(nested, dict):
+            _write_json(image_path, nested)
+    config = _read_json(folder / "config.json")
+    text = config.get("text_config") or {}
+    rope = text.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in text:
+        text["rope_theta"] = rope["rope_theta"]
+        if rope.get("rope_type", "default") != "default":
+            text.setdefault("rope_scaling", rope)
+        _write_json(folder / "config.json", config)
+
+
+def save_portable(model: nn.Module, processor: Sequence[Any], folder: Path) -> None:
+    """``save_pretrained`` of ``model`` and its processor parts into ``folder``, in files that transformers 4.37,
+    4.57 and 5.x all load (``LlavaForConditionalGeneration`` / ``AutoProcessor`` / ``AutoTokenizer``) to the same
+    weights, whichever of them writes: LLaVA weights in 4.37's key layout (4.57 and 5.x convert it on load),
+    and the tokenizer and processor files each release looks for (:func:`_portable_files`)."""
+    model.save_pretrained(folder)
+    for part in processor:
+        part.save_pretrained(folder)
+    if getattr(model.config, "model_type", None) == "llava":
+        _portable_weights(folder)
+    _portable_files(folder)
+
+
 def save_export(model: nn.Module, processor: Sequence[Any], target: Path, cfg: Any) -> Path:
     """Write ``model`` (LoRA merged, in ``export.dtype``) and its processor parts to ``target`` atomically."""
     hf = _merged(model).to(DTYPES[cfg.export.dtype])
     hf.config.text_config.use_cache = True  # training turned it off
 
     def write(folder: Path) -> None:
-        hf.save_pretrained(folder)
-        for part in processor:
-            part.save_pretrained(folder)
+        save_portable(hf, processor, folder)
         mark(folder, cfg)
 
     write_atomically(target, write)
