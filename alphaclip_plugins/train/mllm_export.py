@@ -153,7 +153,23 @@ def save_portable(model: nn.Module, processor: Sequence[Any], folder: Path) -> N
         part.save_pretrained(folder)
     if getattr(model.config, "model_type", None) == "llava":
         _portable_weights(folder)
+        _llava_token_counts(folder, model.config, processor)
     _portable_files(folder)
+
+
+def _llava_token_counts(folder: Path, config: Any, processor: Sequence[Any]) -> None:
+    """What 4.45+ processors need to expand ``<image>`` (``patch_size`` ...), saved also by releases whose
+    processor does not take it (4.37: the model expands it there), so that the export generates on every release."""
+    path = folder / "processor_config.json"
+    saved = _read_json(path) if path.is_file() else {}
+    if "patch_size" in saved:
+        return
+    tokenizer = next((p.tokenizer for p in processor if hasattr(p, "tokenizer")), None)
+    image_token = tokenizer.convert_ids_to_tokens(config.image_token_index) if tokenizer is not None else "<image>"
+    saved.setdefault("processor_class", type(processor[0]).__name__)
+    saved.update(patch_size=config.vision_config.patch_size, num_additional_image_tokens=1, image_token=image_token,
+                 vision_feature_select_strategy=config.vision_feature_select_strategy)
+    _write_json(path, saved)
 
 
 def save_export(model: nn.Module, processor: Sequence[Any], target: Path, cfg: Any) -> Path:
