@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from conftest import import_or_skip  # noqa: E402
@@ -20,16 +19,16 @@ import_or_skip("transformers")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import alphaclip_plugins.integrations.hf as ahf  # noqa: E402
-from alphaclip_plugins.integrations.hf.ask import ask, load_llava  # noqa: E402
+from alphaclip_plugins.integrations.hf.ask import load_llava  # noqa: E402
 from alphaclip_plugins.integrations.hf.compat import portable_key  # noqa: E402
 from alphaclip_plugins.integrations.hf.tiny_llava import TINY_LLAVA_DIR  # noqa: E402
 from alphaclip_plugins.train.mllm_synthetic import QUESTIONS  # noqa: E402
 from alphaclip_plugins.train.scenes import draw_scene  # noqa: E402
 from alphaclip_plugins.train.synthetic import SceneConfig  # noqa: E402
+from test_mllm_embedded import scores  # noqa: E402
 from test_mllm_train import _train, llava_dir  # noqa: E402,F401  (the tiny LLaVA checkpoint and its data)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,15 +109,7 @@ def test_asset_loads_every_weight_and_names_the_shape_of_fresh_scenes():
     assert isinstance(AutoProcessor.from_pretrained(TINY_LLAVA_DIR), ahf.AlphaLlavaProcessor)
     assert "USER:" in AutoTokenizer.from_pretrained(TINY_LLAVA_DIR).chat_template
 
-    model, processor = load_llava()
-    right = whole_right = total = 0
-    for scene in _fresh_scenes(8):
-        answers = ask(model, processor, scene.image, [m.astype(bool) for m in scene.masks], QUESTIONS[0])
-        whole = ask(model, processor, scene.image, [None], QUESTIONS[0])[0]
-        truth = [f"a {s.label}" for s in scene.shapes]
-        right += sum(a == t for a, t in zip(answers, truth))
-        whole_right += sum(whole == t for t in truth)
-        total += len(truth)
+    right, whole_right, total = scores(*load_llava(), _fresh_scenes(8))
     assert total >= 16
     assert right / total >= 0.8, (right, total)
     assert whole_right / total <= 0.4, (whole_right, total)  # the region, not the image, decides the answer

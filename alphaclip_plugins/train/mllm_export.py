@@ -87,8 +87,8 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def _portable_weights(folder: Path) -> None:
-    """Rename a LLaVA's saved weights to the layout every transformers release reads (``compat.portable_key``)."""
+def _portable_weights(folder: Path, rules: Any) -> None:
+    """Rename saved weights to the layout every transformers release reads (``compat.portable_key`` with ``rules``)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -99,11 +99,12 @@ def _portable_weights(folder: Path) -> None:
     for name in files:
         with safe_open(str(folder / name), "pt") as f:
             metadata = f.metadata()
-        tensors = load_file(str(folder / name))
-        save_file({portable_key(k): v for k, v in tensors.items()}, str(folder / name), metadata=metadata)
+        tensors, mode = load_file(str(folder / name)), (folder / name).stat().st_mode
+        save_file({portable_key(k, rules): v for k, v in tensors.items()}, str(folder / name), metadata=metadata)
+        os.chmod(folder / name, mode)  # save_file creates the file owner-only; keep save_pretrained's mode
     if index.is_file():
         table = _read_json(index)
-        table["weight_map"] = {portable_key(k): v for k, v in table["weight_map"].items()}
+        table["weight_map"] = {portable_key(k, rules): v for k, v in table["weight_map"].items()}
         _write_json(index, table)
 
 
@@ -146,13 +147,17 @@ def _portable_files(folder: Path) -> None:
 def save_portable(model: nn.Module, processor: Sequence[Any], folder: Path) -> None:
     """``save_pretrained`` of ``model`` and its processor parts into ``folder``, in files that transformers 4.37,
     4.57 and 5.x all load (``LlavaForConditionalGeneration`` / ``AutoProcessor`` / ``AutoTokenizer``) to the same
-    weights, whichever of them writes: LLaVA weights in 4.37's key layout (4.57 and 5.x convert it on load),
+    weights, whichever of them writes: LLaVA and BLIP-2 weights in 4.37's key layout (later releases convert it),
     and the tokenizer and processor files each release looks for (:func:`_portable_files`)."""
     model.save_pretrained(folder)
     for part in processor:
         part.save_pretrained(folder)
-    if getattr(model.config, "model_type", None) == "llava":
-        _portable_weights(folder)
+    from ..integrations.hf.compat import PORTABLE_KEYS
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in PORTABLE_KEYS:
+        _portable_weights(folder, PORTABLE_KEYS[model_type])
+    if model_type == "llava":
         _llava_token_counts(folder, model.config, processor)
     _portable_files(folder)
 

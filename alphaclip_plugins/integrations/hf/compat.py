@@ -170,6 +170,11 @@ LLAVA_PORTABLE_KEYS: Tuple[Tuple[str, str], ...] = (
     (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
 )
 
+#: The same for the Alpha BLIP-2 (its tower is ``vision_model``; the rest has one name on every release).
+BLIP2_PORTABLE_KEYS: Tuple[Tuple[str, str], ...] = ((r"^vision_model\.(?!vision_model\.)", "vision_model.vision_model."),)
+#: ``config.model_type`` -> its rules.
+PORTABLE_KEYS = {"llava": LLAVA_PORTABLE_KEYS, "alphaclip_blip_2": BLIP2_PORTABLE_KEYS}
+
 
 def portable_key(key: str, rules: Tuple[Tuple[str, str], ...] = LLAVA_PORTABLE_KEYS) -> str:
     """A saved checkpoint key under :data:`LLAVA_PORTABLE_KEYS` (or other ``rules``)."""
