@@ -23,13 +23,13 @@ from safetensors.torch import load_file  # noqa: E402
 
 import alphaclip_plugins.integrations.hf as ahf  # noqa: E402
 from alphaclip_plugins.integrations.hf.ask import load_llava  # noqa: E402
-from alphaclip_plugins.integrations.hf.compat import portable_key  # noqa: E402
+from alphaclip_plugins.integrations.hf.compat import BLIP2_PORTABLE_KEYS, portable_key  # noqa: E402
 from alphaclip_plugins.integrations.hf.tiny_llava import TINY_LLAVA_DIR  # noqa: E402
 from alphaclip_plugins.train.mllm_synthetic import QUESTIONS  # noqa: E402
 from alphaclip_plugins.train.scenes import draw_scene  # noqa: E402
 from alphaclip_plugins.train.synthetic import SceneConfig  # noqa: E402
 from test_mllm_embedded import scores  # noqa: E402
-from test_mllm_train import _train, llava_dir  # noqa: E402,F401  (the tiny LLaVA checkpoint and its data)
+from test_mllm_train import _train, blip2_dir, llava_dir  # noqa: E402,F401  (tiny checkpoints and their data)
 
 ROOT = Path(__file__).resolve().parents[1]
 VENVS = Path(os.environ.get("ALPHACLIP_VENVS", Path.home() / ".cache" / "alphaclip-plugins" / "venvs"))
@@ -60,6 +60,21 @@ print(json.dumps({"version": transformers.__version__, "not_loaded": {k: list(v)
                   "ids": tokenizer("what is this ?")["input_ids"]}))
 """
 
+# The same for an Alpha BLIP-2 export: what loaded, under the file's names.
+BLIP2_READER = """
+import json, sys, transformers
+from safetensors.torch import save_file
+import alphaclip_plugins.integrations.hf as ahf
+from alphaclip_plugins.integrations.hf.compat import BLIP2_PORTABLE_KEYS, portable_key
+from transformers import AutoImageProcessor, AutoTokenizer
+ahf.register()
+model, info = ahf.AlphaBlip2ForConditionalGeneration.from_pretrained(sys.argv[1], output_loading_info=True)
+save_file({portable_key(k, BLIP2_PORTABLE_KEYS): v.float().clone() for k, v in model.state_dict().items()}, sys.argv[2])
+print(json.dumps({"version": transformers.__version__, "not_loaded": {k: list(v) for k, v in info.items() if v},
+                  "processor": type(AutoImageProcessor.from_pretrained(sys.argv[1])).__name__,
+                  "ids": AutoTokenizer.from_pretrained(sys.argv[1])("what is this ?")["input_ids"]}))
+"""
+
 
 def _file_tensors(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
@@ -79,10 +94,9 @@ def _other_pythons():
     return found
 
 
-def _read_on(python: Path, folder: Path, image: Path, out: Path) -> dict:
+def _read_on(python: Path, code: str, *args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([str(python), "-c", READER, str(folder), str(image), str(out), PROMPT, json.dumps(BOX)],
-                          env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=180)
+    done = subprocess.run([str(python), "-c", code, *args], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -136,7 +150,8 @@ def test_train_mllm_export_loads_on_every_release_with_equal_logits(llava_dir, t
     readers = [Path(sys.executable)] + _other_pythons()
     results = []
     for k, python in enumerate(readers):
-        report = _read_on(python, final, tmp_path / "image.png", tmp_path / f"logits{k}.safetensors")
+        report = _read_on(python, READER, str(final), str(tmp_path / "image.png"), str(tmp_path / f"logits{k}.safetensors"),
+                          PROMPT, json.dumps(BOX))
         assert not report["not_loaded"], report
         assert report["processor"] == "AlphaLlavaProcessor", report
         results.append((report, load_file(str(tmp_path / f"logits{k}.safetensors"))["logits"]))
@@ -147,3 +162,20 @@ def test_train_mllm_export_loads_on_every_release_with_equal_logits(llava_dir, t
         assert logits.shape == reference.shape, report["version"]
         assert (logits - reference).abs().max() < 1e-5, report["version"]
     print("export of", transformers.__version__, "read on", [r["version"] for r, _ in results])
+
+
+def test_blip2_export_loads_the_same_weights_on_every_release(blip2_dir, tmp_path):  # noqa: F811
+    final = _train(blip2_dir, "compat", steps=2)
+    saved = _file_tensors(final)
+    assert all(portable_key(k, BLIP2_PORTABLE_KEYS) == k for k in saved)
+    assert any(k.startswith("vision_model.vision_model.") for k in saved)  # the tower under 4.x's names
+    reports = []
+    for k, python in enumerate([Path(sys.executable)] + _other_pythons()):
+        report = _read_on(python, BLIP2_READER, str(final), str(tmp_path / f"weights{k}.safetensors"))
+        assert not report["not_loaded"] and report["processor"] == "AlphaCLIPImageProcessor", report
+        loaded = load_file(str(tmp_path / f"weights{k}.safetensors"))
+        assert saved.keys() <= loaded.keys(), report["version"]
+        assert all(torch.equal(loaded[n], v.float()) for n, v in saved.items()), report["version"]
+        reports.append(report)
+    assert all(r["ids"] == reports[0]["ids"] for r in reports)
+    print("BLIP-2 export of", transformers.__version__, "read on", [r["version"] for r in reports])
