@@ -96,7 +96,8 @@ def _other_pythons():
 
 def _read_on(python: Path, code: str, *args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([str(python), "-c", code, *args], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=180)
+    done = subprocess.run([str(python), "-c", code, *args], env=env, cwd=str(ROOT), capture_output=True, text=True,
+                          timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -150,8 +151,8 @@ def test_train_mllm_export_loads_on_every_release_with_equal_logits(llava_dir, t
     readers = [Path(sys.executable)] + _other_pythons()
     results = []
     for k, python in enumerate(readers):
-        report = _read_on(python, READER, str(final), str(tmp_path / "image.png"), str(tmp_path / f"logits{k}.safetensors"),
-                          PROMPT, json.dumps(BOX))
+        report = _read_on(python, READER, str(final), str(tmp_path / "image.png"),
+                          str(tmp_path / f"logits{k}.safetensors"), PROMPT, json.dumps(BOX))
         assert not report["not_loaded"], report
         assert report["processor"] == "AlphaLlavaProcessor", report
         results.append((report, load_file(str(tmp_path / f"logits{k}.safetensors"))["logits"]))

@@ -179,7 +179,8 @@ def _same_layout_as_the_asset(export: Path) -> None:
 
     from alphaclip_plugins.train.mllm_export import MARKER
 
-    assert sorted(p.name for p in export.iterdir() if p.name != MARKER) == sorted(p.name for p in TINY_LLAVA_DIR.iterdir())
+    names = sorted(p.name for p in export.iterdir() if p.name != MARKER)
+    assert names == sorted(p.name for p in TINY_LLAVA_DIR.iterdir())
 
     def tensors(folder):
         with safe_open(str(folder / "model.safetensors"), "pt") as f:

@@ -5,8 +5,8 @@ The directory (``export.dir``, default ``<output_dir>/final``) loads with
 registers the Alpha tower) or ``AlphaBlip2ForConditionalGeneration.from_pretrained``; the tokenizer and the
 4-channel processor are saved in it, in files that transformers 4.37, 4.57 and 5.x all read to the same
 weights whichever of them wrote it (:func:`save_portable`). It is written under a temporary name and renamed
-into place, so a killed export leaves no half directory. A directory that this run did not write (no marker naming this
-run's ``output_dir``) is never replaced without ``--overwrite``; the check runs before training starts.
+into place, so a killed export leaves no half directory. A directory that this run did not write (no marker
+naming this run's ``output_dir``) is never replaced without ``--overwrite``; the check runs before training starts.
 """
 from __future__ import annotations
 

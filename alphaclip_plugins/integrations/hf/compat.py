@@ -171,7 +171,9 @@ LLAVA_PORTABLE_KEYS: Tuple[Tuple[str, str], ...] = (
 )
 
 #: The same for the Alpha BLIP-2 (its tower is ``vision_model``; the rest has one name on every release).
-BLIP2_PORTABLE_KEYS: Tuple[Tuple[str, str], ...] = ((r"^vision_model\.(?!vision_model\.)", "vision_model.vision_model."),)
+BLIP2_PORTABLE_KEYS: Tuple[Tuple[str, str], ...] = (
+    (r"^vision_model\.(?!vision_model\.)", "vision_model.vision_model."),
+)
 #: ``config.model_type`` -> its rules.
 PORTABLE_KEYS = {"llava": LLAVA_PORTABLE_KEYS, "alphaclip_blip_2": BLIP2_PORTABLE_KEYS}
 
