@@ -63,10 +63,10 @@ def _fresh_scenes(n):
         yield draw_scene(np.random.default_rng([FRESH_SEED, i]), cfg)
 
 
-def test_names_the_highlighted_shape_of_fresh_scenes_and_not_with_the_whole_image(llava):
-    model, processor = llava
+def scores(model, processor, scenes):
+    """(regions named exactly, the same with whole-image alpha, regions) over ``scenes``."""
     right = whole_right = total = 0
-    for scene in _fresh_scenes(12):
+    for scene in scenes:
         regions = [m.astype(bool) for m in scene.masks]
         answers = ask(model, processor, scene.image, regions, QUESTIONS[0])
         whole = ask(model, processor, scene.image, [None], QUESTIONS[0])[0]
@@ -74,6 +74,11 @@ def test_names_the_highlighted_shape_of_fresh_scenes_and_not_with_the_whole_imag
         right += sum(a == t for a, t in zip(answers, truth))
         whole_right += sum(whole == t for t in truth)
         total += len(truth)
+    return right, whole_right, total
+
+
+def test_names_the_highlighted_shape_of_fresh_scenes_and_not_with_the_whole_image(llava):
+    right, whole_right, total = scores(*llava, _fresh_scenes(12))
     assert total >= 30
     assert right / total >= 0.8, (right, total)
     assert whole_right / total <= 0.4, (whole_right, total)  # one answer for every region: at most one is right
@@ -162,6 +167,25 @@ def test_the_repo_config_builds_the_model_and_data_on_first_use_and_trains(tmp_p
                      f"export.dir={run}/final", "progress=false", "tensorboard=false"])
     assert not rc
     assert (run / "init" / "config.json").is_file() and (run / "data" / "s.jsonl").is_file()
+    _same_layout_as_the_asset(run / "final")
     model, processor = load_llava(run / "final")
     scene = next(_fresh_scenes(1))
     assert len(ask(model, processor, scene.image, [scene.masks[0] > 0], QUESTIONS[0])) == 1
+
+
+def _same_layout_as_the_asset(export: Path) -> None:
+    """The recipe's export has the shipped asset's files, tensor names, shapes and dtypes, and processor files."""
+    from safetensors import safe_open
+
+    from alphaclip_plugins.train.mllm_export import MARKER
+
+    names = sorted(p.name for p in export.iterdir() if p.name != MARKER)
+    assert names == sorted(p.name for p in TINY_LLAVA_DIR.iterdir())
+
+    def tensors(folder):
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+    assert tensors(export) == tensors(TINY_LLAVA_DIR)
+    for name in ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json", "tokenizer.json"):
+        assert json.loads((export / name).read_text()) == json.loads((TINY_LLAVA_DIR / name).read_text()), name

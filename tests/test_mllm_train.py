@@ -20,6 +20,7 @@ import_or_skip("transformers")
 
 import alphaclip_plugins.integrations.hf as ahf  # noqa: E402
 from alphaclip_plugins.core.io import read_state_dict  # noqa: E402
+from alphaclip_plugins.integrations.hf.compat import BLIP2_PORTABLE_KEYS, portable_key  # noqa: E402
 from alphaclip_plugins.integrations.hf.mllm_collator import IGNORE_INDEX  # noqa: E402
 from alphaclip_plugins.train.checkpointing import Checkpointer  # noqa: E402
 from alphaclip_plugins.train.config import _set_dotted, load_config  # noqa: E402
@@ -140,6 +141,7 @@ def test_stage1_loss_falls_and_only_the_projector_changes(llava_dir):
     losses = _losses(llava_dir / "stage1")
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.05, losses
     before, after = read_state_dict(llava_dir / "model" / "model.safetensors"), read_state_dict(final / "model.safetensors")
+    before = {portable_key(k): v for k, v in before.items()}  # the export's names, the same on every release
     assert set(before) == set(after)
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all("multi_modal_projector" in k for k in moved)  # the tower and LM are bit-identical
@@ -237,6 +239,8 @@ def test_blip2_qformer_recipe(blip2_dir):
     losses = _losses(blip2_dir / "qformer")
     assert losses[-1] < losses[0] - 0.05, losses
     before, after = read_state_dict(blip2_dir / "model" / "model.safetensors"), read_state_dict(final / "model.safetensors")
+    before = {portable_key(k, BLIP2_PORTABLE_KEYS): v for k, v in before.items()}  # the export's names
+    assert set(before) == set(after)
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.startswith(("qformer.", "query_tokens", "language_projection.")) for k in moved)
     reloaded = ahf.AlphaBlip2ForConditionalGeneration.from_pretrained(final)

@@ -143,3 +143,43 @@ def register_prefix_removal(class_names: Tuple[str, ...], prefix: str) -> None:
 def dtype_kwarg(dtype: torch.dtype) -> Dict[str, torch.dtype]:
     """``from_pretrained``'s dtype keyword: ``dtype`` from 4.56 on, ``torch_dtype`` before."""
     return {"dtype": dtype} if VERSION >= (4, 56) else {"torch_dtype": dtype}
+
+
+def init_keywords(cls: type, options: Dict[str, Any]) -> Dict[str, Any]:
+    """The entries of ``options`` that ``cls.__init__`` takes (all when it takes ``**kwargs``).
+
+    4.37's processors take their parts only, so the ``patch_size`` (etc.) that later releases save in
+    ``processor_config.json`` must be left out there.
+    """
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in params}
+
+
+#: Checkpoint key renames (regex, replacement, applied in order) from any release's LLaVA names to the one
+#: layout every release reads: 4.37's (``vision_tower.vision_model.*``, ``multi_modal_projector.*``,
+#: ``language_model.model.*``, ``language_model.lm_head.*``). 4.4x-4.5x save it themselves; 5.x saves the
+#: tower flat (no ``vision_model.``) and reads it back either way (the Alpha towers strip the prefix on
+#: load); 4.4x and later convert the rest on load.
+LLAVA_PORTABLE_KEYS: Tuple[Tuple[str, str], ...] = (
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
+)
+
+#: The same for the Alpha BLIP-2 (its tower is ``vision_model``; the rest has one name on every release).
+BLIP2_PORTABLE_KEYS: Tuple[Tuple[str, str], ...] = (
+    (r"^vision_model\.(?!vision_model\.)", "vision_model.vision_model."),
+)
+#: ``config.model_type`` -> its rules.
+PORTABLE_KEYS = {"llava": LLAVA_PORTABLE_KEYS, "alphaclip_blip_2": BLIP2_PORTABLE_KEYS}
+
+
+def portable_key(key: str, rules: Tuple[Tuple[str, str], ...] = LLAVA_PORTABLE_KEYS) -> str:
+    """A saved checkpoint key under :data:`LLAVA_PORTABLE_KEYS` (or other ``rules``)."""
+    for pattern, replacement in rules:
+        key = re.sub(pattern, replacement, key)
+    return key

@@ -122,6 +122,15 @@ class AlphaLlavaProcessor(LlavaProcessor):
         tokenizer_class = compat.PROCESSOR_PART_CLASSES["tokenizer_class"]
 
     @classmethod
+    def from_args_and_dict(cls, args: Any, processor_dict: dict, **kwargs: Any) -> Any:
+        """Build from a saved ``processor_config.json``, leaving out the keys this release's LLaVA processor
+        does not take (4.37 takes none: a directory saved by a later release carries ``patch_size`` etc.)."""
+        if not compat.V5:  # the parts come as ``args``; a nested copy of one would be passed twice
+            parts = {k: v for k, v in processor_dict.items() if k not in ("image_processor", "tokenizer")}
+            processor_dict = compat.init_keywords(LlavaProcessor, parts)
+        return super().from_args_and_dict(args, processor_dict, **kwargs)
+
+    @classmethod
     def from_model(
         cls, model: PreTrainedModel, tokenizer: Any, mode: str = "pad", **kwargs: Any
     ) -> "AlphaLlavaProcessor":

@@ -118,12 +118,12 @@ def ensure_tiny_llava(directory: PathLike, **kwargs: Any) -> Path:
     """Write :func:`build_tiny_llava`'s untrained model and processor to ``directory`` unless a model is there
     (``train-mllm``'s ``model.build: tiny_shapes_llava``: the run starts from it). Written all-or-nothing."""
     from ...core.io import atomic_directory
+    from ...train.mllm_export import save_portable
 
     directory = Path(directory)
     if (directory / "config.json").is_file():
         return directory
     model, processor = build_tiny_llava(**kwargs)
     with atomic_directory(directory, False, marker="config.json") as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        save_portable(model, [processor], tmp)
     return directory
