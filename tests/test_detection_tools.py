@@ -5,7 +5,8 @@ MMDetection: ``tools/train.py`` (shipped in the mmdet wheel, ``mmdet/.mim/tools`
 overrides), ``tools/test.py`` evaluates the checkpoint it wrote with ``CocoMetric``, and a 2-process gloo
 run (``--launcher pytorch``) trains each config under DDP. Detectron2 (not on PyPI: skipped where it is
 not installed): ``tools/train_net.py`` (yacs configs) and ``tools/lazyconfig_train_net.py`` (LazyConfigs)
-from its source tree train and evaluate, with the tiny set registered by ``tests/d2_tool_launch.py``.
+from its source tree train and evaluate, with the tiny set registered by ``tests/d2_tool_launch.py``, on 1
+process and (``--num-gpus 2``, detectron2's ``launch``) on 2 gloo processes.
 """
 from __future__ import annotations
 
