@@ -12,7 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-from detectron2.data import DatasetCatalog
 from detectron2.data.datasets import register_coco_instances
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -32,8 +31,7 @@ def _hooked_source(script: Path) -> str:
 
 if __name__ in ("__main__", "__mp_main__"):  # __mp_main__: a process spawned by detectron2's launch
     name, json_file, image_root = os.environ["ALPHACLIP_TEST_COCO"].split(",")
-    if name not in DatasetCatalog:
-        register_coco_instances(name, {}, json_file, image_root)
+    register_coco_instances(name, {}, json_file, image_root)
     if __name__ == "__main__":
         sys.argv = sys.argv[1:]
         os.environ["ALPHACLIP_TEST_SCRIPT"] = sys.argv[0]  # spawned processes inherit the environment
