@@ -5,7 +5,8 @@ MMDetection: ``tools/train.py`` (shipped in the mmdet wheel, ``mmdet/.mim/tools`
 overrides), ``tools/test.py`` evaluates the checkpoint it wrote with ``CocoMetric``, and a 2-process gloo
 run (``--launcher pytorch``) trains each config under DDP. Detectron2 (not on PyPI: skipped where it is
 not installed): ``tools/train_net.py`` (yacs configs) and ``tools/lazyconfig_train_net.py`` (LazyConfigs)
-from its source tree train and evaluate, with the tiny set registered by ``tests/d2_tool_launch.py``.
+from its source tree train and evaluate, with the tiny set registered by ``tests/d2_tool_launch.py``, on 1
+process and (``--num-gpus 2``, detectron2's ``launch``) on 2 gloo processes.
 """
 from __future__ import annotations
 
@@ -177,7 +178,10 @@ def _d2_tools() -> Path:
     return tools
 
 
-def _d2_run(script: Path, coco: Path, *args: str) -> str:
+def _d2_run(script: Path, coco: Path, *args: str, nproc: int = 1) -> str:
+    """``script`` through ``tests/d2_tool_launch.py``; ``nproc`` > 1: ``--num-gpus nproc``, which detectron2's
+    ``launch`` runs as that many gloo processes on CPU."""
+    args = ("--num-gpus", str(nproc), *args) if nproc > 1 else args
     return run_tool(ROOT / "tests" / "d2_tool_launch.py", str(script), *args,
                     ALPHACLIP_TEST_COCO=f"alphaclip_tools_coco,{coco},{coco.parent / 'img'}")
 
@@ -186,8 +190,19 @@ def _d2_results(log: str) -> None:
     assert "copypaste: Task: bbox" in log, log[-3000:]
 
 
+def _d2_ranks(out: Path, log: str, nproc: int) -> None:
+    """Every rank of ``nproc`` processes ran: rank 0 logs to the output, the others to ``log.txt.rank<i>``."""
+    assert f"World size: {nproc}" in log, log[-3000:]
+    for rank in range(1, nproc):
+        assert f"Rank of current process: {rank}. World size: {nproc}" in (out / f"log.txt.rank{rank}").read_text()
+    state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+    assert state and not [k for k in state if k.startswith(("module.", "rescorer."))]  # no DDP prefix, no scorer
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
 @pytest.mark.parametrize("name", D2_YACS)
-def test_detectron2_yacs_config_trains_and_evaluates_with_train_net(name, coco, tmp_path):
+def test_detectron2_yacs_config_trains_and_evaluates_with_train_net(name, nproc, coco, tmp_path):
+    """The README's hook line in ``tools/train_net.py``; ``nproc`` 2: DDP on 2 gloo processes."""
     tools = _d2_tools()
     from test_detectron2 import _yacs
 
@@ -202,11 +217,14 @@ def test_detectron2_yacs_config_trains_and_evaluates_with_train_net(name, coco, 
     cfg.DATALOADER.NUM_WORKERS = 0
     cfg.OUTPUT_DIR = str(tmp_path / "out")
     (tmp_path / "cfg.yaml").write_text(cfg.dump())
-    log = _d2_run(tools / "train_net.py", coco, "--config-file", str(tmp_path / "cfg.yaml"))
+    log = _d2_run(tools / "train_net.py", coco, "--config-file", str(tmp_path / "cfg.yaml"), nproc=nproc)
     _d2_results(log)  # evaluated after training (DefaultTrainer's EvalHook)
+    _d2_ranks(tmp_path / "out", log, nproc)
     metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.json").read_text().splitlines()]
     losses = [m["total_loss"] for m in metrics if "total_loss" in m]
     assert len(losses) >= 1 and all(math.isfinite(v) for v in losses), metrics
+    if nproc > 1:
+        return  # the checkpoint is the 1-process one's; --eval-only is tested there
     log = _d2_run(tools / "train_net.py", coco, "--config-file", str(tmp_path / "cfg.yaml"), "--eval-only",
                   "MODEL.WEIGHTS", str(tmp_path / "out" / "model_final.pth"))
     _d2_results(log)
@@ -245,15 +263,20 @@ model, dataloader, optimizer, lr_multiplier, train = (_c.model, _c.dataloader, _
 '''
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
 @pytest.mark.parametrize("name", D2_LAZY)
-def test_detectron2_lazy_config_trains_and_evaluates_with_lazyconfig_train_net(name, coco, tmp_path):
+def test_detectron2_lazy_config_trains_and_evaluates_with_lazyconfig_train_net(name, nproc, coco, tmp_path):
+    """``tools/lazyconfig_train_net.py`` as it is; ``nproc`` 2: DDP (the config's ``train.ddp``) on 2 gloo
+    processes."""
     tools = _d2_tools()
     cfg = tmp_path / "tiny_lazy.py"
     cfg.write_text(LAZY_TINY.format(path=str(ROOT / "configs" / "detectron2" / name), classes=len(CLASSES),
                                     out=str(tmp_path / "out"), iters=ITERS))
-    log = _d2_run(tools / "lazyconfig_train_net.py", coco, "--config-file", str(cfg))
+    log = _d2_run(tools / "lazyconfig_train_net.py", coco, "--config-file", str(cfg), nproc=nproc)
     _d2_results(log)
-    assert (tmp_path / "out" / "model_final.pth").exists()
+    _d2_ranks(tmp_path / "out", log, nproc)
+    if nproc > 1:
+        return  # the checkpoint is the 1-process one's; --eval-only is tested there
     log = _d2_run(tools / "lazyconfig_train_net.py", coco, "--config-file", str(cfg), "--eval-only",
                   f"train.init_checkpoint={tmp_path / 'out' / 'model_final.pth'}")
     _d2_results(log)

@@ -96,6 +96,9 @@ optimizer.params.overrides = no_weight_decay_overrides()
 train = get_config("common/train.py").train
 train.amp.enabled = True
 train.ddp.fp16_compression = True
+# No device ids: DDP then wraps the model where it is, a CUDA model as with [local rank] (detectron2 passes
+# that by default), and a CPU one (train.device="cpu", gloo), for which DDP refuses device ids.
+train.ddp.device_ids = None
 # Any layout the core reader takes (official Alpha-CLIP .pth, OpenAI .pt, open_clip, HF, timm), through
 # AlphaCLIPCheckpointer.
 train.init_checkpoint = "checkpoints/clip_b16_grit1m_fultune_8xe.pth"

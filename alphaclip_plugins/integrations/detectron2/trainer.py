@@ -7,7 +7,9 @@
 * the training dicts lose the annotations of ``MODEL.ALPHACLIP.NOVEL_CLASSES`` (the test sets keep them);
 * ``SOLVER.OPTIMIZER: "ADAMW"`` builds AdamW with no weight decay on norms, the tower's embeddings and
   ``in_proj_bias`` (``"SGD"``: detectron2's optimizer);
-* checkpoints and ``MODEL.WEIGHTS`` go through :class:`AlphaCLIPCheckpointer` (any Alpha-CLIP/CLIP layout).
+* checkpoints and ``MODEL.WEIGHTS`` go through :class:`AlphaCLIPCheckpointer` (any Alpha-CLIP/CLIP layout);
+* on several processes, DDP gets ``device_ids=[local rank]`` only for a CUDA model (gloo on CPU: none, which
+  ``DistributedDataParallel`` requires there); the frozen re-scorer is no submodule, so it stays out of DDP.
 
 To use it from a copy of detectron2's ``tools/train_net.py``, add one line after its imports::
 
@@ -17,6 +19,7 @@ or run ``python -m alphaclip_plugins.integrations.detectron2.train_net`` (the sa
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import weakref
@@ -27,7 +30,7 @@ from detectron2.config import CfgNode
 from detectron2.config import get_cfg as _detectron2_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.data import get_detection_dataset_dicts
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import DefaultTrainer, defaults, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
@@ -119,11 +122,34 @@ def train_dataset_dicts(cfg: CfgNode) -> List[Dict[str, Any]]:
     return dicts
 
 
+_create_ddp_model = defaults.create_ddp_model
+
+
+def create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+    """detectron2's ``create_ddp_model``, whose default ``device_ids=[local rank]`` applies to CUDA models only:
+    a CPU model (gloo) gets ``device_ids=None``, the one value ``DistributedDataParallel`` takes for it."""
+    param = next(model.parameters(), None)
+    if "device_ids" not in kwargs and (param is None or param.device.type != "cuda"):
+        kwargs["device_ids"] = None
+    return _create_ddp_model(model, **kwargs)
+
+
+@contextlib.contextmanager
+def _ddp_on_any_device():
+    """``DefaultTrainer.__init__`` wraps the model with :func:`create_ddp_model` while this is active."""
+    defaults.create_ddp_model = create_ddp_model
+    try:
+        yield
+    finally:
+        defaults.create_ddp_model = _create_ddp_model
+
+
 class AlphaCLIPTrainer(DefaultTrainer):
     """``DefaultTrainer`` for Alpha-CLIP detectors (see the module docstring)."""
 
     def __init__(self, cfg: CfgNode):
-        super().__init__(cfg)
+        with _ddp_on_any_device():
+            super().__init__(cfg)
         # DefaultTrainer builds a DetectionCheckpointer; read Alpha-CLIP layouts and save through ours.
         self.checkpointer = AlphaCLIPCheckpointer(self._trainer.model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         for hook in self._hooks:
