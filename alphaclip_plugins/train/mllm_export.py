@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from torch import nn
 
+from ..core.io import atomic_directory
 from .distributed import DistEnv, barrier
 from .optim import DTYPES
 from .rundir import RunDirError
@@ -64,20 +64,6 @@ def check_export_target(cfg: Any, overwrite: bool) -> None:
 def _merged(model: nn.Module) -> nn.Module:
     """The HF model with LoRA adapters folded into its weights (the model itself when it has none)."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-
-
-def write_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """``write(folder)`` into a temporary folder beside ``target``, then swap it into place (replacing ``target``)."""
-    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if target.exists():
-        trash = target.parent / f".trash-{target.name}-{os.getpid()}"
-        os.replace(target, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
 
 
 def _read_json(path: Path) -> Any:
@@ -183,11 +169,9 @@ def save_export(model: nn.Module, processor: Sequence[Any], target: Path, cfg: A
     hf = _merged(model).to(DTYPES[cfg.export.dtype])
     hf.config.text_config.use_cache = True  # training turned it off
 
-    def write(folder: Path) -> None:
+    with atomic_directory(target, overwrite=True) as folder:  # check_export_target allowed replacing it
         save_portable(hf, processor, folder)
         mark(folder, cfg)
-
-    write_atomically(target, write)
     return hf
 
 

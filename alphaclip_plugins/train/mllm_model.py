@@ -37,10 +37,10 @@ class Parts:
 
 
 def model_kind(path: str) -> str:
-    """``"llava"`` or ``"blip2"`` from a directory's ``config.json``.
+    """``"llava"`` or ``"blip2"`` (an Alpha BLIP-2) from a directory's ``config.json``.
 
     Raises:
-        ValueError: no ``config.json`` there, or a model type that is neither.
+        ValueError: no ``config.json`` there, a stock BLIP-2 (not alpha-aware), or a model type that is neither.
     """
     config = Path(path) / "config.json"
     if not config.is_file():
@@ -48,8 +48,11 @@ def model_kind(path: str) -> str:
     model_type = json.loads(config.read_text()).get("model_type")
     if model_type == "llava":
         return "llava"
-    if model_type in ("alphaclip_blip_2", "blip-2"):
+    if model_type == "alphaclip_blip_2":
         return "blip2"
+    if model_type == "blip-2":
+        raise ValueError(f"{path} is a stock BLIP-2; build an Alpha BLIP-2 first "
+                         f"(AlphaBlip2ForConditionalGeneration.from_blip2) and save_pretrained it")
     raise ValueError(f"model.path {path} holds a {model_type!r} model; train-mllm takes LLaVA (model_type 'llava') "
                      f"or an Alpha BLIP-2 ('alphaclip_blip_2')")
 
@@ -60,9 +63,6 @@ def load_model(cfg: MLLMModelConfig) -> Tuple[nn.Module, str]:
 
     kind = model_kind(str(cfg.path))
     if kind == "blip2":
-        if json.loads((Path(cfg.path) / "config.json").read_text())["model_type"] != "alphaclip_blip_2":
-            raise ValueError(f"{cfg.path} is a stock BLIP-2; build an Alpha BLIP-2 first "
-                             f"(AlphaBlip2ForConditionalGeneration.from_blip2) and save_pretrained it")
         model = ahf.AlphaBlip2ForConditionalGeneration.from_pretrained(cfg.path, torch_dtype=torch.float32)
         if cfg.alpha_checkpoint:
             ahf.load_alpha_weights(model.vision_model, cfg.alpha_checkpoint)

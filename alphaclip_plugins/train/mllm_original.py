@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
-from ..core.io import save_safetensors
+from ..core.io import atomic_directory, save_safetensors
 
 
 def _parts(model: nn.Module):
@@ -69,18 +69,15 @@ def save_original_llava(model: nn.Module, tokenizer: Any, target: Path,
                         extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Write the LLaVA code base's directory for ``model`` (LoRA already merged) to ``target``, atomically;
     ``extra(folder)`` adds files (a run's marker)."""
-    from .mllm_export import write_atomically
-
     target = Path(target).resolve()
     config = original_config(model, target / "vision_tower")
     _, _, _, tower = _parts(model)
 
-    def write(folder: Path) -> None:
+    with atomic_directory(target, overwrite=True) as folder:  # check_export_target allowed replacing it
         tower.save_pretrained(folder / "vision_tower")
         save_safetensors(original_state_dict(model), folder / "model.safetensors", metadata={"format": "pt"})
         (folder / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(folder)
         if extra is not None:
             extra(folder)
-
-    return write_atomically(target, write)
+    return target
